@@ -1,0 +1,16 @@
+"""fxcapture: get module outputs, local variables and any op out of a PyTorch model.
+
+Example::
+
+    >>> from fxcapture import capture
+    >>> extractor = capture(model, ["attn", "layer4"])
+    >>> out, feats = extractor(images)
+"""
+
+from .api import NameTable, capture, list_names
+from .catalogue import NameInfo
+from .extractor import Extractor
+
+__version__ = "0.1.0"
+
+__all__ = ["capture", "list_names", "Extractor", "NameInfo", "NameTable", "__version__"]

@@ -1,0 +1,102 @@
+"""The public entry points: :func:`capture` and :func:`list_names`."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .catalogue import NameInfo
+from .extractor import Extractor, make_spec, trace
+from .resolve import Names
+
+
+def capture(
+    model: torch.nn.Module,
+    names: Names,
+    *,
+    leaf_modules: Iterable[Any] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+    keep_output: bool = True,
+) -> Extractor:
+    """Build an extractor that returns the model output and chosen intermediates.
+
+    Args:
+        model: the model. It is traced with ``torch.fx`` and never modified.
+        names: a selector, a list of selectors, or ``{alias: selector}``. A selector
+            is a module path (``"layer4"``: the value its forward returns), a local
+            variable (``"attn"`` in every module, ``"blocks.3.attn:attn"`` in one,
+            ``":x"`` in the root forward), a graph node (``"%add_3"``), a glob over
+            those keys (``"blocks.*.attn:attn"``, ``"layer?"``) or a predicate on
+            :class:`NameInfo`. A module or local producing k values in one forward
+            gives keys ``key@0`` ... ``key@k-1``.
+        leaf_modules: module classes or paths not to trace into.
+        autowrap_functions: functions to record as single graph nodes.
+        concrete_args: arguments of ``forward`` to fix while tracing (see ``torch.fx``).
+        keep_output: if False, the graph is pruned after the last captured value and
+            ``out`` is ``None``.
+
+    Returns:
+        an :class:`Extractor` (an ``nn.Module`` sharing the model's parameters):
+        ``out, feats = extractor(*args, **kwargs)``, with ``out`` exactly
+        ``model(*args, **kwargs)`` and ``feats`` ordered as ``extractor.names``.
+
+    Example::
+
+        >>> model = torchvision.models.resnet18()
+        >>> extractor = capture(model, ["layer4", "layer1.0.relu@0"])
+        >>> out, feats = extractor(torch.randn(2, 3, 224, 224))
+        >>> feats["layer4"].shape
+        torch.Size([2, 512, 7, 7])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    spec = make_spec(names, leaf_modules, autowrap_functions, concrete_args, keep_output)
+    return Extractor(model, spec)
+
+
+class NameTable(list):
+    """A list of :class:`NameInfo` that prints as an aligned table."""
+
+    def __str__(self) -> str:
+        header = ("key", "kind", "module", "op")
+        rows = [header] + [(r.key, r.kind, r.module or "(root)", r.op) for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def keys(self) -> list[str]:
+        return [r.key for r in self]
+
+
+def list_names(
+    model: torch.nn.Module,
+    pattern: str | None = None,
+    *,
+    kinds: Iterable[str] = ("module", "local", "node"),
+    leaf_modules: Iterable[Any] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> NameTable:
+    """Every capturable name of ``model``, in execution order.
+
+    Example::
+
+        >>> print(list_names(model, "blocks.0.*", kinds=["local"]))
+        key                  kind   module         op
+        ...
+    """
+    spec = make_spec((), leaf_modules, autowrap_functions, concrete_args)
+    _, catalogue = trace(model, spec)
+    kinds = set(kinds)
+    return NameTable(
+        r
+        for r in catalogue
+        if r.kind in kinds and (pattern is None or fnmatch.fnmatchcase(r.key, pattern))
+    )
+
+
+__all__ = ["capture", "list_names", "NameInfo", "NameTable"]

@@ -1,0 +1,211 @@
+"""Stage 1: trace a model with torch.fx and record where every value came from.
+
+:class:`CaptureTracer` is a ``torch.fx.Tracer`` that, besides building the graph,
+records
+
+* every module call: the module's path and the value its ``forward`` returned
+  (a proxy, or a tuple/dict of proxies), and
+* every local variable of the Python functions that run while tracing (module
+  ``forward`` methods and helper functions they call), read from the frame at the
+  moment the function returns, and attributed to the innermost module being called.
+
+Example::
+
+    >>> tracer = CaptureTracer()
+    >>> result = tracer.trace_model(torchvision.models.resnet18())
+    >>> [path for path, _ in result.module_calls][:3]
+    ['conv1', 'bn1', 'relu']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+# torch.fx patches torch.nn.Module.__call__ globally while it traces, and we install
+# a profile function: serialise traces so that two threads never interleave them.
+_TRACE_LOCK = threading.RLock()
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_STDLIB_DIRS = tuple(
+    {sysconfig.get_paths()["stdlib"] + os.sep, sysconfig.get_paths()["platstdlib"] + os.sep}
+)
+
+
+@dataclass
+class LocalRecord:
+    """A local variable seen when a function returned during tracing."""
+
+    module: str  # innermost module being called ("" for the root)
+    function: str  # qualified name of the function whose frame held it
+    name: str
+    value: Any  # the local's value with every Proxy replaced by its fx.Node
+
+
+@dataclass
+class TraceResult:
+    graph: fx.Graph
+    module_calls: list[tuple[str, Any]]  # (module path, returned value with Nodes)
+    locals: list[LocalRecord]
+    constants: dict[str, torch.Tensor]  # tensors the graph reads that the model does not own
+    leaf_paths: set[str] = field(default_factory=set)
+
+
+def _to_nodes(value: Any) -> Any:
+    return map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+
+
+_PLAIN_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _is_capturable(value: Any) -> bool:
+    """True if ``value`` holds at least one graph node and nothing the graph cannot return."""
+    found = False
+    ok = True
+
+    def visit(v):
+        nonlocal found, ok
+        if isinstance(v, fx.Node):
+            found = True
+        elif not isinstance(v, _PLAIN_TYPES):
+            ok = False
+        return v
+
+    map_aggregate(value, visit)
+    return found and ok
+
+
+def _resolve_leaf_spec(leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:
+    types, paths = [], set()
+    for leaf in leaf_modules:
+        if isinstance(leaf, type):
+            types.append(leaf)
+        elif isinstance(leaf, str):
+            paths.add(leaf)
+        else:
+            raise TypeError(
+                f"leaf_modules entries must be module classes or module paths, got {leaf!r}"
+            )
+    return tuple(types), paths
+
+
+class CaptureTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` that records module return values and function locals.
+
+    Args:
+        leaf_modules: module classes or module paths not to trace through (they
+            become single ``call_module`` nodes, like ``torch.nn`` layers).
+        autowrap_functions: functions recorded as single nodes instead of traced.
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[Any] = (),
+        autowrap_functions: Iterable[Callable] = (),
+    ) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        self._leaf_types, self._leaf_paths = _resolve_leaf_spec(leaf_modules)
+        self._module_stack: list[str] = []
+        self._watch_cache: dict[Any, bool] = {}
+        self.module_calls: list[tuple[str, Any]] = []
+        self.local_records: list[LocalRecord] = []
+        self.constants: dict[str, torch.Tensor] = {}
+        self.leaf_paths: set[str] = set()
+
+    # -- module structure ---------------------------------------------------
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_paths:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        self._module_stack.append(path)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self._module_stack.pop()
+        if self.is_leaf_module(m, path):
+            self.leaf_paths.add(path)
+        self.module_calls.append((path, _to_nodes(out)))
+        return out
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["fxcapture_module"] = self._module_stack[-1] if self._module_stack else ""
+        return node
+
+    def create_arg(self, a: Any):
+        # fx stores unknown tensor constants with setattr on the root module; keep
+        # them to ourselves instead so that the user's model is never modified.
+        if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter):
+            qualname = self.tensor_attrs.get(a)
+            if qualname is None:
+                qualname = f"_fxcapture_constant{len(self.constants)}"
+                self.tensor_attrs[a] = qualname
+                self.constants[qualname] = a
+            return self.create_node("get_attr", qualname, (), {})
+        return super().create_arg(a)
+
+    # -- locals ----------------------------------------------------------------
+    def _watches(self, code) -> bool:
+        watched = self._watch_cache.get(code)
+        if watched is None:
+            filename = code.co_filename
+            watched = not (
+                filename.startswith(_TORCH_DIR)
+                or filename.startswith(_PACKAGE_DIR)
+                or (filename.startswith(_STDLIB_DIRS) and "-packages" + os.sep not in filename)
+                or filename.startswith("<")  # fx-generated and exec'd code
+                or code.co_name.startswith("<")  # comprehensions, lambdas
+            )
+            self._watch_cache[code] = watched
+        return watched
+
+    def _on_profile_event(self, frame, event: str, arg: Any) -> None:
+        if event != "return" or not self._watches(frame.f_code):
+            return
+        module = self._module_stack[-1] if self._module_stack else ""
+        function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        for name, value in frame.f_locals.items():
+            if name == "self" or name.startswith((".", "__")):
+                continue
+            if isinstance(value, fx.Proxy):
+                value = value.node
+            elif isinstance(value, (tuple, list, dict)):
+                value = _to_nodes(value)
+                if not _is_capturable(value):
+                    continue
+            else:
+                continue
+            self.local_records.append(LocalRecord(module, function, name, value))
+
+    # -- entry point -----------------------------------------------------------
+    def trace_model(
+        self, root: torch.nn.Module, concrete_args: dict[str, Any] | None = None
+    ) -> TraceResult:
+        """Trace ``root`` and return the graph with everything recorded on the way."""
+        with _TRACE_LOCK:
+            previous = sys.getprofile()
+            sys.setprofile(self._on_profile_event)
+            try:
+                graph = self.trace(root, concrete_args)
+            finally:
+                sys.setprofile(previous)
+        return TraceResult(
+            graph=graph,
+            module_calls=self.module_calls,
+            locals=self.local_records,
+            constants=self.constants,
+            leaf_paths=self.leaf_paths,
+        )
