@@ -20,6 +20,8 @@ def capture(
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     keep_output: bool = True,
+    attention: str | None = None,
+    edit: dict[Any, Callable[[Any, str], Any]] | None = None,
 ) -> Extractor:
     """Build an extractor that returns the model output and chosen intermediates.
 
@@ -37,6 +39,12 @@ def capture(
         concrete_args: arguments of ``forward`` to fix while tracing (see ``torch.fx``).
         keep_output: if False, the graph is pruned after the last captured value and
             ``out`` is ``None``.
+        attention: ``"weights"`` rewrites fused attention
+            (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) into its
+            explicit form so that the probabilities can be captured (see
+            :mod:`fxcapture.attention`). Default: keep the fused kernels.
+        edit: ``{selector: fn(value, key) -> new value}``: everything downstream of
+            the selected values uses what ``fn`` returns (see :mod:`fxcapture.edit`).
 
     Returns:
         an :class:`Extractor` (an ``nn.Module`` sharing the model's parameters):
@@ -53,7 +61,9 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
-    spec = make_spec(names, leaf_modules, autowrap_functions, concrete_args, keep_output)
+    spec = make_spec(
+        names, leaf_modules, autowrap_functions, concrete_args, keep_output, attention, edit
+    )
     return Extractor(model, spec)
 
 

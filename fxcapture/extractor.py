@@ -24,6 +24,8 @@ class CaptureSpec:
     autowrap_functions: tuple = ()
     concrete_args: dict[str, Any] | None = None
     keep_output: bool = True
+    attention: str | None = None  # "weights": decompose fused attention (fxcapture.attention)
+    edit: Any = None  # {selector: fn(value, key)} (fxcapture.edit)
 
 
 @dataclass
@@ -42,6 +44,10 @@ class Program:
 def trace(model: torch.nn.Module, spec: CaptureSpec) -> tuple[TraceResult, Catalogue]:
     tracer = CaptureTracer(spec.leaf_modules, spec.autowrap_functions)
     result = tracer.trace_model(model, spec.concrete_args)
+    if spec.attention is not None:
+        from .attention import expose_attention_weights
+
+        expose_attention_weights(result, model, mode=spec.attention)
     return result, build_catalogue(result, model)
 
 
@@ -51,9 +57,16 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     features = resolve(catalogue, spec.names, model, result.leaf_paths)
     graph = result.graph
     modules = dict(model.named_modules())
-    captured = [n for info in features.values() for n in value_nodes(info.value)]
+    edited: dict[fx.Node, fx.Node] = {}
+    if spec.edit:
+        from .edit import apply_edits
+
+        # {original node: replacement}; downstream nodes already use the replacement
+        edited = apply_edits(graph, catalogue, spec.edit, model, result.leaf_paths)
+    values = {key: substitute(info.value, edited) for key, info in features.items()}
+    captured = [n for value in values.values() for n in value_nodes(value)]
     clones = protect_from_inplace(graph, captured, modules)
-    outputs = {key: substitute(info.value, clones) for key, info in features.items()}
+    outputs = {key: substitute(value, clones) for key, value in values.items()}
     add_feature_outputs(graph, outputs, keep_output=spec.keep_output)
     if not spec.keep_output:
         prune(graph, modules)
@@ -66,7 +79,7 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
         features=features,
         catalogue=catalogue,
         constants=result.constants,
-        cloned={k for k, info in features.items() if set(value_nodes(info.value)) & set(clones)},
+        cloned={k for k, v in values.items() if set(value_nodes(v)) & set(clones)},
     )
 
 
@@ -188,6 +201,8 @@ def make_spec(
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     keep_output: bool = True,
+    attention: str | None = None,
+    edit: Any = None,
 ) -> CaptureSpec:
     return CaptureSpec(
         names=names,
@@ -195,4 +210,6 @@ def make_spec(
         autowrap_functions=tuple(autowrap_functions),
         concrete_args=concrete_args,
         keep_output=keep_output,
+        attention=attention,
+        edit=edit,
     )

@@ -37,6 +37,7 @@ _TRACE_LOCK = threading.RLock()
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_PACKAGE_MODELS = os.path.join(_PACKAGE_DIR, "models.py")  # built-in models are user code
 _STDLIB_DIRS = tuple(
     {sysconfig.get_paths()["stdlib"] + os.sep, sysconfig.get_paths()["platstdlib"] + os.sep}
 )
@@ -164,7 +165,7 @@ class CaptureTracer(fx.Tracer):
             filename = code.co_filename
             watched = not (
                 filename.startswith(_TORCH_DIR)
-                or filename.startswith(_PACKAGE_DIR)
+                or (filename.startswith(_PACKAGE_DIR) and filename != _PACKAGE_MODELS)
                 or (filename.startswith(_STDLIB_DIRS) and "-packages" + os.sep not in filename)
                 or filename.startswith("<")  # fx-generated and exec'd code
                 or code.co_name.startswith("<")  # comprehensions, lambdas
