@@ -1,0 +1,146 @@
+"""Shared references for the tests: forward hooks, structural equality, small models.
+
+Every reference here is independent of fxcapture: forward hooks on the real model,
+the model's own forward, a manual computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+def detached_copy(value: Any) -> Any:
+    """A deep copy of ``value`` taken now (tensors cloned), so later in-place ops miss it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(detached_copy(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached_copy(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, detached_copy(v)) for k, v in value.items())
+    return value
+
+
+def assert_same(actual: Any, expected: Any, *, exact: bool = True, path: str = "") -> None:
+    """Structural equality: same containers, same keys, tensors ``torch.equal`` (or allclose)."""
+    where = path or "value"
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual)}"
+        assert actual.shape == expected.shape, f"{where}: {actual.shape} != {expected.shape}"
+        assert actual.dtype == expected.dtype, f"{where}: {actual.dtype} != {expected.dtype}"
+        if exact:
+            assert torch.equal(actual, expected), f"{where}: values differ"
+        else:
+            torch.testing.assert_close(actual, expected, msg=lambda m: f"{where}: {m}")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: expected a dict, got {type(actual)}"
+        assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"
+        for k in expected:
+            assert_same(actual[k], expected[k], exact=exact, path=f"{where}[{k!r}]")
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)), f"{where}: expected a sequence, got {type(actual)}"
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, exact=exact, path=f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, paths: Iterable[str]):
+    """Record (a copy of) every output of the modules at ``paths``: ``{path: [call0, ...]}``."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[Any]] = {p: [] for p in paths}
+    handles = []
+    for path in seen:
+        def hook(module, args, output, path=path):
+            seen[path].append(detached_copy(output))
+
+        handles.append(modules[path].register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_values(model: nn.Module, paths: Iterable[str], *args: Any, **kwargs: Any):
+    """Run ``model(*args, **kwargs)`` and return ``(output, {path: [outputs per call]})``."""
+    with hooked(model, paths) as seen, torch.no_grad():
+        out = model(*args, **kwargs)
+    return out, seen
+
+
+def assert_matches_hooks(feats: dict, seen: dict[str, list[Any]], *, exact: bool = True) -> None:
+    """Each module path's feature(s) (``path`` or ``path@i``) equals what its hook saw."""
+    for path, calls in seen.items():
+        assert calls, f"the hook on {path!r} never fired"
+        if len(calls) == 1:
+            assert_same(feats[path], calls[0], exact=exact, path=path)
+        else:
+            for i, value in enumerate(calls):
+                assert_same(feats[f"{path}@{i}"], value, exact=exact, path=f"{path}@{i}")
+
+
+def clone_nodes(graph) -> list:
+    """The ``torch.clone`` calls in an fx graph (and ``.clone()`` methods)."""
+    return [
+        n
+        for n in graph.nodes
+        if (n.op == "call_function" and n.target is torch.clone)
+        or (n.op == "call_method" and n.target == "clone")
+    ]
+
+
+def module_state(model: nn.Module) -> dict[str, Any]:
+    """A snapshot of everything that capture() must not change on ``model`` and its modules."""
+    snap = {}
+    for path, m in model.named_modules():
+        snap[path] = {
+            "dict_keys": sorted(m.__dict__),
+            "forward_hooks": len(m._forward_hooks),
+            "forward_pre_hooks": len(m._forward_pre_hooks),
+            "backward_hooks": len(m._backward_hooks),
+            "buffers": sorted(m._buffers),
+            "params": sorted(m._parameters),
+            "children": sorted(m._modules),
+            "forward_code": type(m).forward.__code__,
+            "instance_forward": m.__dict__.get("forward"),
+            "training": m.training,
+        }
+    return snap
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@pytest.fixture
+def image():
+    return torch.randn(2, 3, 64, 64)
+
+
+def timm_vit_small(**kwargs) -> nn.Module:
+    """timm vit_small_patch16_224, random weights, fused attention off per block."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    return model
