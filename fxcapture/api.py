@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .catalogue import NameInfo
-from .extractor import Extractor, make_spec, trace
+from .extractor import Extractor, FunctionModule, make_spec, trace_with_fallback
 from .resolve import Names
 
 
@@ -22,6 +22,7 @@ def capture(
     keep_output: bool = True,
     attention: str | None = None,
     edit: dict[Any, Callable[[Any, str], Any]] | None = None,
+    fallback: str = "auto",
 ) -> Extractor:
     """Build an extractor that returns the model output and chosen intermediates.
 
@@ -45,6 +46,10 @@ def capture(
             :mod:`fxcapture.attention`). Default: keep the fused kernels.
         edit: ``{selector: fn(value, key) -> new value}``: everything downstream of
             the selected values uses what ``fn`` returns (see :mod:`fxcapture.edit`).
+        fallback: ``"auto"``: modules fx cannot trace run eagerly and their values
+            are captured at run time (hooks, a profile function; see
+            :mod:`fxcapture.fallback`); ``"never"``: raise the trace error;
+            ``"always"``: capture everything at run time.
 
     Returns:
         an :class:`Extractor` (an ``nn.Module`` sharing the model's parameters):
@@ -60,9 +65,12 @@ def capture(
         torch.Size([2, 512, 7, 7])
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+        if not callable(model):
+            raise TypeError(f"capture() needs an nn.Module or a function, got {type(model).__name__}")
+        model = FunctionModule(model)
     spec = make_spec(
-        names, leaf_modules, autowrap_functions, concrete_args, keep_output, attention, edit
+        names, leaf_modules, autowrap_functions, concrete_args, keep_output, attention, edit,
+        fallback,
     )
     return Extractor(model, spec)
 
@@ -100,7 +108,13 @@ def list_names(
         ...
     """
     spec = make_spec((), leaf_modules, autowrap_functions, concrete_args)
-    _, catalogue = trace(model, spec)
+    _, catalogue, untraced = trace_with_fallback(model, spec)
+    if catalogue is None:
+        raise ValueError(
+            "torch.fx cannot trace this model, so its names are known only at run time: "
+            "capture(model, names) and call it once; extractor.explain() then lists them "
+            f"({untraced['']})."
+        )
     kinds = set(kinds)
     return NameTable(
         r

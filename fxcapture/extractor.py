@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -10,9 +11,20 @@ import torch.fx as fx
 from torch.fx.graph_module import _forward_from_src
 
 from .catalogue import Catalogue, NameInfo, build_catalogue, value_nodes
-from .resolve import Names, resolve
+from .fallback import RuntimeCapture
+from .resolve import (
+    Names,
+    SelectorPairs,
+    _is_glob,
+    _unknown_selector_error,
+    match,
+    resolve,
+    selector_pairs,
+)
 from .rewrite import add_feature_outputs, protect_from_inplace, prune, substitute
 from .tracing import CaptureTracer, TraceResult
+
+FALLBACKS = ("auto", "never", "always")
 
 
 @dataclass(frozen=True)
@@ -26,24 +38,71 @@ class CaptureSpec:
     keep_output: bool = True
     attention: str | None = None  # "weights": decompose fused attention (fxcapture.attention)
     edit: Any = None  # {selector: fn(value, key)} (fxcapture.edit)
+    fallback: str = "auto"
 
 
 @dataclass
 class Program:
-    """One compiled graph: the forward function and what it returns."""
+    """One compiled graph (or the eager model) and what it returns."""
 
-    graph: fx.Graph
+    graph: fx.Graph | None
     forward: Callable[..., Any]
     code: str
     features: dict[str, NameInfo]
-    catalogue: Catalogue
+    catalogue: Catalogue | None
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     cloned: set[str] = field(default_factory=set)  # keys copied before an in-place op
+    runtime: RuntimeCapture | None = None  # captures inside untraced regions
+    untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
 
 
-def trace(model: torch.nn.Module, spec: CaptureSpec) -> tuple[TraceResult, Catalogue]:
-    tracer = CaptureTracer(spec.leaf_modules, spec.autowrap_functions)
-    result = tracer.trace_model(model, spec.concrete_args)
+class FunctionModule(torch.nn.Module):
+    """Holds a plain function so that it can be captured like a model."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+class TraceFailure(RuntimeError):
+    """torch.fx could not trace the model and ``fallback="never"`` was asked for."""
+
+
+def _default_concrete_args(model: torch.nn.Module, given: dict[str, Any] | None) -> dict:
+    """Fix ``forward`` arguments whose default is a constant (``mask=None``, ``flag=False``).
+
+    fx would otherwise turn them into graph inputs and trace ``if mask is not None``
+    down the wrong branch. fx asserts at run time that a fixed argument keeps its value.
+    """
+    forward = model.fn if isinstance(model, FunctionModule) else model.forward
+    concrete = {}
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or type(p.default) in (bool, int, float, str):
+            concrete[p.name] = p.default
+    concrete.update(given or {})
+    return concrete
+
+
+def trace(
+    model: torch.nn.Module, spec: CaptureSpec, extra_leaves: Iterable[str] = ()
+) -> tuple[TraceResult, Catalogue]:
+    """Trace ``model`` (a plain function held by :class:`FunctionModule` too)."""
+    tracer = CaptureTracer(tuple(spec.leaf_modules) + tuple(extra_leaves), spec.autowrap_functions)
+    root = model.fn if isinstance(model, FunctionModule) else model
+    try:
+        result = tracer.trace_model(root, _default_concrete_args(model, spec.concrete_args))
+    except Exception as err:
+        err.fxcapture_failed_module = tracer.failed_module  # type: ignore[attr-defined]
+        raise
     if spec.attention is not None:
         from .attention import expose_attention_weights
 
@@ -51,18 +110,87 @@ def trace(model: torch.nn.Module, spec: CaptureSpec) -> tuple[TraceResult, Catal
     return result, build_catalogue(result, model)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def trace_with_fallback(
+    model: torch.nn.Module, spec: CaptureSpec
+) -> tuple[TraceResult | None, Catalogue | None, dict[str, str]]:
+    """Trace as much as fx can; return the modules that must run eagerly, with why.
+
+    Each failure names the innermost module being traced; it becomes a leaf and the
+    trace is retried. A failure outside every submodule leaves the whole model eager.
+    """
+    if spec.fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {spec.fallback!r}")
+    if spec.fallback == "always":
+        return None, None, {"": "fallback='always'"}
+    untraced: dict[str, str] = {}
+    while True:
+        try:
+            result, catalogue = trace(model, spec, untraced)
+            return result, catalogue, untraced
+        except Exception as err:
+            failed = getattr(err, "fxcapture_failed_module", None)
+            where = f"module {failed!r} ({type(model.get_submodule(failed)).__name__})" if failed else "the model's own forward"
+            if spec.fallback == "never":
+                raise TraceFailure(
+                    f"torch.fx could not trace {where}: {_first_line(err)}. Pass "
+                    f"leaf_modules=[{failed!r}] to run it as one op, concrete_args= to fix "
+                    "arguments that steer Python control flow, or fallback='auto' to "
+                    "capture the untraceable part at run time."
+                ) from err
+            if not failed or failed in untraced:
+                return None, None, {"": _first_line(err)}
+            untraced[failed] = _first_line(err)
+
+
+def _is_exact(selector: Any) -> bool:
+    return isinstance(selector, str) and not _is_glob(selector) and (
+        ":" in selector or "." in selector or "%" in selector
+    )
+
+
+def _call_model(self: "Extractor", *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    out = self._model(*args, **kwargs)
+    return (out if self._spec.keep_output else None), {}
+
+
 def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     """Trace ``model``, resolve ``spec.names`` and rewrite the graph to return them."""
-    result, catalogue = trace(model, spec)
-    features = resolve(catalogue, spec.names, model, result.leaf_paths)
+    result, catalogue, untraced = trace_with_fallback(model, spec)
+    pairs = selector_pairs(spec.names)
+    edits = dict(spec.edit or {})
+    if result is None:  # nothing traced: everything is captured at run time
+        runtime = RuntimeCapture(model, untraced, pairs, edits)
+        return Program(None, _call_model, "", {}, None, runtime=runtime, untraced=untraced)
+
+    graph_pairs, runtime_pairs = SelectorPairs(), []
+    for alias, selector in pairs:
+        found = match(catalogue, selector)
+        if found:
+            graph_pairs.append((alias, selector))
+        if untraced and (not found or not _is_exact(selector)):
+            runtime_pairs.append((alias, selector))
+        elif not found:
+            raise _unknown_selector_error(catalogue, selector, model, result.leaf_paths)
+    features = resolve(catalogue, graph_pairs, model, result.leaf_paths)
+    graph_edits = {s: fn for s, fn in edits.items() if match(catalogue, s)}
+    runtime_edits = {s: fn for s, fn in edits.items() if s not in graph_edits}
+    if runtime_edits and not untraced:
+        unknown = next(iter(runtime_edits))
+        raise _unknown_selector_error(catalogue, unknown, model, result.leaf_paths)
+
     graph = result.graph
     modules = dict(model.named_modules())
     edited: dict[fx.Node, fx.Node] = {}
-    if spec.edit:
+    if graph_edits:
         from .edit import apply_edits
 
         # {original node: replacement}; downstream nodes already use the replacement
-        edited = apply_edits(graph, catalogue, spec.edit, model, result.leaf_paths)
+        edited = apply_edits(graph, catalogue, graph_edits, model, result.leaf_paths)
     values = {key: substitute(info.value, edited) for key, info in features.items()}
     captured = [n for value in values.values() for n in value_nodes(value)]
     clones = protect_from_inplace(graph, captured, modules)
@@ -72,6 +200,9 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
         prune(graph, modules)
     graph.lint()
     code = graph.python_code(root_module="self")
+    runtime = None
+    if runtime_pairs or runtime_edits:
+        runtime = RuntimeCapture(model, untraced, runtime_pairs, runtime_edits, set(features))
     return Program(
         graph=graph,
         forward=_forward_from_src(code.src, code.globals),
@@ -80,6 +211,8 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
         catalogue=catalogue,
         constants=result.constants,
         cloned={k for k, v in values.items() if set(value_nodes(v)) & set(clones)},
+        runtime=runtime,
+        untraced=untraced,
     )
 
 
@@ -114,6 +247,7 @@ class Extractor(torch.nn.Module):
             program = self._programs[mode] = self._build(mode)
         self._program = program
         self._forward = program.forward
+        self._runtime = program.runtime
 
     def _build(self, mode: bool) -> Program:
         model = self._model
@@ -128,6 +262,8 @@ class Extractor(torch.nn.Module):
 
     def _attach_attributes(self, program: Program) -> None:
         """Make every ``get_attr`` of the graph resolve on this module."""
+        if program.graph is None:
+            return
         for node in program.graph.nodes:
             if node.op != "get_attr":
                 continue
@@ -148,17 +284,27 @@ class Extractor(torch.nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        return self._forward(self, *args, **kwargs)
+        runtime = self._runtime
+        if runtime is None:
+            return self._forward(self, *args, **kwargs)
+        with runtime.session() as session:
+            out, feats = self._forward(self, *args, **kwargs)
+        feats.update(runtime.collect(session))
+        return out, feats
 
     # -- introspection -------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        """The keys of the feature dict, in execution order."""
-        return list(self._program.features)
+        """The keys of the feature dict, in execution order (graph values first).
+
+        Values captured at run time are known after the first call.
+        """
+        runtime = self._program.runtime
+        return list(self._program.features) + (list(runtime.features) if runtime else [])
 
     @property
-    def graph(self) -> fx.Graph:
-        """The rewritten fx graph of the current mode."""
+    def graph(self) -> fx.Graph | None:
+        """The rewritten fx graph of the current mode (``None`` if nothing traced)."""
         return self._program.graph
 
     @property
@@ -167,16 +313,38 @@ class Extractor(torch.nn.Module):
         return self._program.code
 
     @property
-    def catalogue(self) -> Catalogue:
+    def catalogue(self) -> Catalogue | None:
         return self._program.catalogue
 
+    @property
+    def untraced(self) -> dict[str, str]:
+        """``{module path: why fx failed}`` for the modules that run eagerly."""
+        return dict(self._program.untraced)
+
     def explain(self) -> str:
-        """One line per key: what it captures and how."""
-        lines = []
+        """How each key is captured (graph / leaf hook / run-time local) and what fell back.
+
+        Example::
+
+            >>> print(capture(gpt2, ["attn_weights"]).explain())
+            untraced: '' (the model's own forward): ValueError: code: co_varnames is too small
+            transformer.h.0.attn:attn_weights: run-time local (profile function)
+        """
+        lines = [
+            f"untraced: {path!r} ({'the whole model' if not path else 'runs eagerly'}): {why}"
+            for path, why in self._program.untraced.items()
+        ]
         for key, info in self._program.features.items():
             cloned = key in self._program.cloned
             via = "graph, cloned before a later in-place op" if cloned else "graph"
             lines.append(f"{key}: {info.kind} {info.key} ({info.op}) <- {via}")
+        runtime = self._program.runtime
+        if runtime is not None:
+            if not runtime.discovered:
+                pending = ", ".join(repr(s) for _, s in runtime.selectors)
+                lines.append(f"run-time selectors {pending}: resolved on the first call")
+            for key in runtime.features:
+                lines.append(f"{key} <- {runtime.how(key)}")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
@@ -186,8 +354,8 @@ class Extractor(torch.nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_programs"] = {}
-        state.pop("_program", None)
-        state.pop("_forward", None)
+        for key in ("_program", "_forward", "_runtime"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -203,6 +371,7 @@ def make_spec(
     keep_output: bool = True,
     attention: str | None = None,
     edit: Any = None,
+    fallback: str = "auto",
 ) -> CaptureSpec:
     return CaptureSpec(
         names=names,
@@ -212,4 +381,5 @@ def make_spec(
         keep_output=keep_output,
         attention=attention,
         edit=edit,
+        fallback=fallback,
     )

@@ -30,6 +30,10 @@ Names = Union[Selector, Sequence[Selector], Mapping[str, Selector]]
 _GLOB_CHARS = set("*?[")
 
 
+class SelectorPairs(list):
+    """An already split ``[(alias, selector)]`` list (see :func:`selector_pairs`)."""
+
+
 def _is_glob(selector: str) -> bool:
     return any(c in _GLOB_CHARS for c in selector)
 
@@ -98,7 +102,8 @@ def _unknown_selector_error(
     )
 
 
-def _selectors(names: Names) -> list[tuple[str | None, Selector]]:
+def selector_pairs(names: Names) -> list[tuple[str | None, Selector]]:
+    """``names`` as a list of ``(alias or None, selector)``."""
     if isinstance(names, str) or callable(names):
         return [(None, names)]
     if isinstance(names, Mapping):
@@ -121,8 +126,9 @@ def resolve(
     Plain selectors give canonical keys; for ``{alias: selector}`` the key is the
     alias, or ``alias@i`` when the selector matches several values.
     """
+    pairs = names if isinstance(names, SelectorPairs) else selector_pairs(names)
     resolved: dict[str, NameInfo] = {}
-    for alias, selector in _selectors(names):
+    for alias, selector in pairs:
         found = match(catalogue, selector)
         if not found:
             if callable(selector):

@@ -62,6 +62,29 @@ class TraceResult:
     leaf_paths: set[str] = field(default_factory=set)
 
 
+_WATCH_CACHE: dict[Any, bool] = {}  # code object -> watched; races only recompute a bool
+
+
+def watches_code(code) -> bool:
+    """Whether locals of this code object are user values worth recording.
+
+    Frames of torch, of the standard library, of fxcapture itself (but for its
+    built-in demo models) and generated code are ignored.
+    """
+    watched = _WATCH_CACHE.get(code)
+    if watched is None:
+        filename = code.co_filename
+        watched = not (
+            filename.startswith(_TORCH_DIR)
+            or (filename.startswith(_PACKAGE_DIR) and filename != _PACKAGE_MODELS)
+            or (filename.startswith(_STDLIB_DIRS) and "-packages" + os.sep not in filename)
+            or filename.startswith("<")  # fx-generated and exec'd code
+            or code.co_name.startswith("<")  # comprehensions, lambdas
+        )
+        _WATCH_CACHE[code] = watched
+    return watched
+
+
 def _to_nodes(value: Any) -> Any:
     return map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
 
@@ -117,7 +140,7 @@ class CaptureTracer(fx.Tracer):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
         self._leaf_types, self._leaf_paths = _resolve_leaf_spec(leaf_modules)
         self._module_stack: list[str] = []
-        self._watch_cache: dict[Any, bool] = {}
+        self.failed_module: str | None = None  # innermost module whose trace raised
         self.module_calls: list[tuple[str, Any]] = []
         self.local_records: list[LocalRecord] = []
         self.constants: dict[str, torch.Tensor] = {}
@@ -134,6 +157,10 @@ class CaptureTracer(fx.Tracer):
         self._module_stack.append(path)
         try:
             out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = path
+            raise
         finally:
             self._module_stack.pop()
         if self.is_leaf_module(m, path):
@@ -159,22 +186,8 @@ class CaptureTracer(fx.Tracer):
         return super().create_arg(a)
 
     # -- locals ----------------------------------------------------------------
-    def _watches(self, code) -> bool:
-        watched = self._watch_cache.get(code)
-        if watched is None:
-            filename = code.co_filename
-            watched = not (
-                filename.startswith(_TORCH_DIR)
-                or (filename.startswith(_PACKAGE_DIR) and filename != _PACKAGE_MODELS)
-                or (filename.startswith(_STDLIB_DIRS) and "-packages" + os.sep not in filename)
-                or filename.startswith("<")  # fx-generated and exec'd code
-                or code.co_name.startswith("<")  # comprehensions, lambdas
-            )
-            self._watch_cache[code] = watched
-        return watched
-
     def _on_profile_event(self, frame, event: str, arg: Any) -> None:
-        if event != "return" or not self._watches(frame.f_code):
+        if event != "return" or not watches_code(frame.f_code):
             return
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)

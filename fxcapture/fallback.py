@@ -1,0 +1,353 @@
+"""Stage 4b: capture at run time inside code that torch.fx cannot trace.
+
+A model that does not trace whole is traced with its failing submodules as leaves
+("untraced regions"); inside a region, values are captured while it runs:
+
+* module outputs with forward hooks registered for one call and removed in ``finally``;
+* locals with a profile function (``sys.setprofile``, per thread) that is active only
+  while a region runs and reads ``frame.f_locals`` when a watched function returns.
+  No function's ``__code__`` is ever rewritten.
+
+Keys follow the graph's scheme (:mod:`fxcapture.catalogue`). The first call
+*discovers* the run-time names: it records every module output and local in the
+regions, resolves the selectors the graph could not, and notes which values a later
+in-place op overwrote (those are cloned from then on). Later calls hook only the
+modules and functions that hold the selected values.
+
+Example::
+
+    >>> ex = capture(gpt2, ["attn_weights", "transformer.h.1"])  # fx fails on GPT-2
+    >>> out, feats = ex(input_ids)
+    >>> print(ex.explain())
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .catalogue import LOCAL, MODULE, NameInfo
+from .resolve import Selector, _unknown_selector_error, match
+from .tracing import watches_code
+
+_ACTIVE = threading.local()  # the session of the extractor call running in this thread
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+
+
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list, dict)) and bool(_tensors(value))
+
+
+def _clone(value: Any) -> Any:
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb)
+    )
+
+
+@dataclass
+class _Pending:
+    """What the first call learns about one selected run-time value."""
+
+    info: NameInfo
+    code: Any = None  # code object of the frame that created a local
+    clone: bool = False
+
+
+@dataclass
+class _Session:
+    """Values recorded during one call."""
+
+    capture: "RuntimeCapture"
+    values: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    previous_profile: Any = None
+    depth: int = 0
+    # discovery only
+    originals: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    seen: dict[tuple, str] = field(default_factory=dict)
+    keep_alive: list[Any] = field(default_factory=list)
+    infos: dict[str, NameInfo] = field(default_factory=dict)
+    codes: dict[str, Any] = field(default_factory=dict)
+
+
+class RuntimeCapture:
+    """Run-time capture inside the untraced regions of one extractor.
+
+    Args:
+        root: the model.
+        regions: ``{module path: why fx failed}`` for the modules that run eagerly
+            (``""`` when the root itself does not trace).
+        selectors: ``[(alias, selector)]`` the graph could not resolve.
+        edits: ``{selector: fn(value, key)}`` applied to module outputs at run time.
+        known: keys the graph already captures (the run-time side skips them).
+    """
+
+    def __init__(
+        self,
+        root: torch.nn.Module,
+        regions: dict[str, str],
+        selectors: list[tuple[str | None, Selector]],
+        edits: dict[Any, Callable[[Any, str], Any]] | None = None,
+        known: set[str] = frozenset(),
+    ) -> None:
+        self.regions = regions
+        self.selectors = selectors
+        self.edits = dict(edits or {})
+        self.known = set(known)
+        self.paths: dict[int, str] = {}
+        self.modules: dict[str, torch.nn.Module] = {}
+        for path, module in root.named_modules():
+            if any(path == r or path.startswith(r + ".") or r == "" for r in regions):
+                self.paths.setdefault(id(module), path)
+                self.modules.setdefault(path, module)
+        self.region_modules = [root.get_submodule(r) if r else root for r in regions]
+        self.discovered = False
+        self.catalogue: list[NameInfo] = []  # every run-time value seen by the first call
+        self.features: dict[str, tuple[str, int | None]] = {}  # out key -> (base, call)
+        self.plans: dict[str, _Pending] = {}  # base -> plan, for the selected bases
+        self.counts: dict[str, int] = {}
+        self.local_codes: dict[Any, set[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- explain ---------------------------------------------------------------------
+    def how(self, key: str) -> str:
+        base = self.features[key][0]
+        plan = self.plans[base]
+        where = "run-time local (profile function)" if plan.info.kind == LOCAL else "leaf hook"
+        return where + (", cloned" if plan.clone else "")
+
+    # -- one call ----------------------------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator[_Session]:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fxcapture: these values are captured at run time inside modules that "
+                f"torch.fx could not trace ({', '.join(repr(r) for r in self.regions)}), "
+                "and torch.compile cannot see run-time captures. Compile the model "
+                "without capture, make those modules traceable (leaf_modules=, "
+                "concrete_args=), or capture only values of the traced part."
+            )
+        with self._lock:
+            discovering = not self.discovered
+        session = _Session(self)
+        handles = []
+        outer = getattr(_ACTIVE, "session", None)
+        _ACTIVE.session = session
+        try:
+            handles = self._install(session, discovering)
+            yield session
+        finally:
+            for h in handles:
+                h.remove()
+            if session.depth:
+                sys.setprofile(session.previous_profile)
+            _ACTIVE.session = outer
+        if discovering:
+            self._finish_discovery(session)
+
+    def _install(self, session: _Session, discovering: bool) -> list[Any]:
+        handles = []
+        profile_needed = discovering or bool(self.local_codes)
+        if profile_needed:
+            for module in self.region_modules:
+                handles.append(module.register_forward_pre_hook(self._enter_region))
+                handles.append(module.register_forward_hook(self._leave_region, always_call=True))
+        if discovering:
+            targets = [p for p in self.modules if p not in self.regions]
+        else:
+            targets = [self.plans[b].info.module for b in self.plans if self.plans[b].info.kind == MODULE]
+            targets += [p for p in self._edited_paths() if p not in targets]
+        for path in dict.fromkeys(targets):
+            hook = self._module_hook(path)
+            handles.append(self.modules[path].register_forward_hook(hook))
+        return handles
+
+    def _edited_paths(self) -> list[str]:
+        return [p for p in self.modules if self._edit_for(p) is not None]
+
+    def _edit_for(self, path: str) -> Callable | None:
+        for selector, fn in self.edits.items():
+            if selector == path or (isinstance(selector, str) and _glob(selector, path)):
+                return fn
+        return None
+
+    # profile function on/off around region forwards (nested regions are counted)
+    def _enter_region(self, module, args):
+        session = getattr(_ACTIVE, "session", None)
+        if session is None or session.capture is not self:
+            return None
+        if session.depth == 0:
+            session.previous_profile = sys.getprofile()
+            sys.setprofile(self._on_profile_event)
+        session.depth += 1
+        return None
+
+    def _leave_region(self, module, args, output):
+        session = getattr(_ACTIVE, "session", None)
+        if session is None or session.capture is not self or session.depth == 0:
+            return None
+        session.depth -= 1
+        if session.depth == 0:
+            sys.setprofile(session.previous_profile)
+        return None
+
+    def _module_hook(self, path: str):
+        edit = self._edit_for(path)
+
+        def hook(module, args, output):
+            session = getattr(_ACTIVE, "session", None)
+            if session is None or session.capture is not self:
+                return None
+            if edit is not None:
+                output = edit(output, path)
+            self._record(session, path, MODULE, type(module).__name__, output, None)
+            return output if edit is not None else None
+
+        return hook
+
+    def _on_profile_event(self, frame, event: str, arg: Any) -> None:
+        if event != "return":
+            return
+        session = getattr(_ACTIVE, "session", None)
+        if session is None or session.capture is not self:
+            return
+        code = frame.f_code
+        if self.discovered:
+            names = self.local_codes.get(code)
+            if not names:
+                return
+        elif not watches_code(code):
+            return
+        else:
+            names = None
+        owner = self._owner(frame)
+        function = getattr(code, "co_qualname", code.co_name)
+        for name, value in frame.f_locals.items():
+            if names is not None and name not in names:
+                continue
+            if name == "self" or name.startswith((".", "__")) or not _holds_tensors(value):
+                continue
+            self._record(session, f"{owner}:{name}", LOCAL, function, value, code)
+
+    def _owner(self, frame) -> str:
+        """Path of the innermost module whose method (or a helper it called) is running."""
+        f = frame
+        while f is not None:
+            owner = f.f_locals.get("self")
+            if owner is not None:
+                path = self.paths.get(id(owner))
+                if path is not None:
+                    return path
+            f = f.f_back
+        return ""
+
+    # -- recording -----------------------------------------------------------------
+    def _record(self, session: _Session, base: str, kind: str, op: str, value: Any, code) -> None:
+        if self.discovered:
+            plan = self.plans.get(base)
+            if plan is not None:
+                session.values[base].append(_clone(value) if plan.clone else value)
+            return
+        tensors = _tensors(value)
+        if kind == LOCAL:
+            identity = (base.rpartition(":")[2], tuple(id(t) for t in tensors))
+            origin = session.seen.get(identity)
+            if origin is not None:
+                return  # same value in an outer frame: keyed where it was created
+            session.seen[identity] = base
+        session.keep_alive.append(tensors)
+        module = base.rpartition(":")[0] if kind == LOCAL else base
+        info = NameInfo(base, kind, module, op, base)
+        session.infos.setdefault(base, info)
+        if code is not None:
+            session.codes.setdefault(base, code)
+        if self._wanted(info):
+            session.values[base].append(_clone(value))
+            session.originals[base].append(value)
+        else:
+            session.values[base].append(None)
+
+    def _wanted(self, info: NameInfo) -> bool:
+        return any(match_one(info, sel) for _, sel in self.selectors)
+
+    def _finish_discovery(self, session: _Session) -> None:
+        catalogue = []
+        for base, values in session.values.items():
+            info = session.infos[base]
+            self.counts[base] = len(values)
+            for i in range(len(values)):
+                key = base if len(values) == 1 else f"{base}@{i}"
+                catalogue.append(
+                    NameInfo(key, info.kind, info.module, info.op, base, None if len(values) == 1 else i)
+                )
+        with self._lock:
+            if self.discovered:
+                return
+            self.catalogue = catalogue
+            features: dict[str, tuple[str, int | None]] = {}
+            for alias, selector in self.selectors:
+                found = [r for r in catalogue if match_one(r, selector)]
+                if not found:
+                    raise self._unknown(selector)
+                for i, r in enumerate(found):
+                    key = r.key if alias is None else (alias if len(found) == 1 else f"{alias}@{i}")
+                    if key not in self.known:
+                        features.setdefault(key, (r.base, r.call))
+            plans = {}
+            for base, call in features.values():
+                info = session.infos[base]
+                mutated = any(
+                    not _same(c, o) for c, o in zip(session.values[base], session.originals[base])
+                )
+                plans[base] = _Pending(info, session.codes.get(base), clone=mutated)
+            self.features, self.plans = features, plans
+            self.local_codes = defaultdict(set)
+            for base, plan in plans.items():
+                if plan.info.kind == LOCAL:
+                    self.local_codes[plan.code].add(base.rpartition(":")[2])
+            self.local_codes = dict(self.local_codes)
+            self.discovered = True
+
+    def _unknown(self, selector: Selector) -> ValueError:
+        from .catalogue import Catalogue
+
+        return _unknown_selector_error(Catalogue(self.catalogue, {}), selector, None, set())
+
+    def collect(self, session: _Session) -> dict[str, Any]:
+        """The selected values of one call, keyed like the graph's features."""
+        feats = {}
+        for key, (base, call) in self.features.items():
+            values = session.values.get(base, [])
+            index = 0 if call is None else call
+            if index < len(values):
+                feats[key] = values[index]
+        return feats
+
+
+def _glob(pattern: str, key: str) -> bool:
+    import fnmatch
+
+    return any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(key, pattern)
+
+
+def match_one(info: NameInfo, selector: Selector) -> bool:
+    """Whether one run-time record is selected (same rules as :func:`fxcapture.resolve.match`)."""
+    from .catalogue import Catalogue
+
+    return bool(match(Catalogue([info], {}), selector))
