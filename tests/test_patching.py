@@ -1,0 +1,237 @@
+"""fxcapture.patching.patch against references built from forward hooks and the model's
+own modules: clean values recorded by one hook, put into the corrupted run by another."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_same, module_state
+from fxcapture import capture
+from fxcapture.models import TinyViT
+from fxcapture.patching import ALL, patch
+
+
+def hook_patched(model: nn.Module, clean, corrupted, paths: list[str], combine=None):
+    """The reference: record ``paths`` on the clean run, replace them on the corrupted run."""
+    modules = [model.get_submodule(p) for p in paths]
+    recorded = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, p=p: recorded.setdefault(p, out))
+        for p, m in zip(paths, modules)
+    ]
+    with torch.no_grad():
+        model(clean)
+        for h in handles:
+            h.remove()
+        combine = combine or (lambda c, r: c)
+        handles = [
+            m.register_forward_hook(lambda mod, a, out, p=p: combine(recorded[p], out))
+            for p, m in zip(paths, modules)
+        ]
+        try:
+            return model(corrupted)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# -- acceptance: resnet18 layer3 -----------------------------------------------------------------
+def test_patching_resnet_layer3_equals_the_tail_of_the_network_on_the_clean_layer3(resnet18):
+    a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    layer3 = {}
+    handle = resnet18.layer3.register_forward_hook(lambda m, args, out: layer3.setdefault("a", out))
+    with torch.no_grad():
+        clean = resnet18(a)
+        handle.remove()
+        m = resnet18
+        expected = m.fc(torch.flatten(m.avgpool(m.layer4(layer3["a"])), 1))
+        corrupted = resnet18(b)
+    before = module_state(resnet18)
+
+    result = patch(resnet18, ["layer2", "layer3", "fc"], a, b, batched=False)
+    assert torch.equal(result.patched["layer3"], expected)
+    assert torch.equal(result.patched["fc"], clean)  # patching the last module restores all
+    assert torch.equal(result.clean, clean) and torch.equal(result.corrupted, corrupted)
+    assert not torch.allclose(result.corrupted, clean)
+    assert result.batched is False and list(result.patched) == ["layer2", "layer3", "fc"]
+
+    stacked = patch(resnet18, ["layer2", "layer3", "fc"], a, b)  # one forward of batch 4 * 2
+    assert stacked.batched is True
+    for key, out in result.patched.items():
+        torch.testing.assert_close(stacked.patched[key], out, rtol=1e-4, atol=1e-5)
+    assert module_state(resnet18) == before
+
+
+def test_scores_normalise_between_corrupted_and_clean(resnet18):
+    a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    result = patch(resnet18, ["layer1.0.conv1", "fc"], a, b, batched=False)
+
+    def metric(out):
+        return out[:, 0].mean()
+
+    raw = result.scores(metric)
+    assert raw["fc"] == pytest.approx(float(metric(result.clean)))
+    norm = result.scores(metric, normalize=True)
+    low, high = float(metric(result.corrupted)), float(metric(result.clean))
+    assert norm["fc"] == pytest.approx(1.0)
+    assert norm["layer1.0.conv1"] == pytest.approx((raw["layer1.0.conv1"] - low) / (high - low))
+
+
+# -- locals, stacking, one run for all ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return TinyViT().eval()
+
+
+@pytest.fixture
+def pair():
+    return torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+
+
+def test_stacked_patches_of_every_attention_map_equal_one_run_each(vit, pair):
+    loop = patch(vit, "attn", *pair, batched=False)
+    stacked = patch(vit, "attn", *pair)
+    chunked = patch(vit, "attn", *pair, chunk=3)
+    assert list(loop.patched) == [f"blocks.{i}.attn:attn" for i in range(4)]
+    assert stacked.batched and chunked.batched and not loop.batched
+    for key in loop.patched:
+        torch.testing.assert_close(stacked.patched[key], loop.patched[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunked.patched[key], loop.patched[key], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(loop.patched[key], loop.corrupted)
+
+
+def test_a_patched_attention_map_equals_a_model_run_with_that_map_edited(vit, pair):
+    a, b = pair
+    key = "blocks.2.attn:attn"
+    with torch.no_grad():
+        clean_map = capture(vit, [key])(a)[1][key]
+    result = patch(vit, [key], a, b, batched=False)
+    with torch.no_grad():  # the reference: an edit with the clean map as a constant
+        expected, _ = capture(vit, [], edit={key: clean_map})(b)
+    assert torch.equal(result.patched[key], expected)
+
+
+def test_all_at_once_patches_every_key_in_one_run(vit, pair):
+    paths = ["blocks.0.attn", "blocks.2.mlp"]
+    result = patch(vit, paths, *pair, one_at_a_time=False)
+    assert list(result.patched) == [ALL]
+    torch.testing.assert_close(result.patched[ALL], hook_patched(vit, *pair, paths))
+
+
+def test_combine_patches_one_position_only(vit, pair):
+    position = 0  # the class token
+
+    def tensor_combine(clean, run):
+        out = run.clone()
+        out[:, position] = clean[:, position]
+        return out
+
+    expected = hook_patched(vit, *pair, ["blocks.1"], tensor_combine)
+    result = patch(vit, ["blocks.1"], *pair, combine=lambda c, r, k: tensor_combine(c, r))
+    torch.testing.assert_close(result.patched["blocks.1"], expected)
+    whole = patch(vit, ["blocks.1"], *pair).patched["blocks.1"]
+    assert not torch.allclose(whole, expected)
+
+
+# -- when stacking is wrong ----------------------------------------------------------------------------
+class BatchCentered(nn.Module):
+    """Samples interact: each is centred on the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+class WithWeightValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        scaled = self.w * 2  # not batch-first: cannot be stacked
+        return self.lin(x) @ scaled
+
+
+def test_a_batch_dependent_model_is_detected_and_run_one_patch_at_a_time():
+    model = BatchCentered().eval()
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    result = patch(model, ["a", "b"], a, b)
+    assert result.batched is False
+    torch.testing.assert_close(result.patched["a"], hook_patched(model, a, b, ["a"]))
+    # stacking anyway (batched=True) would mix the samples of different patches
+    forced = patch(model, ["a", "b"], a, b, batched=True)
+    assert not torch.allclose(forced.patched["a"], result.patched["a"])
+
+
+def test_a_value_without_the_batch_in_dimension_0_falls_back_or_explains():
+    model = WithWeightValue().eval()
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    result = patch(model, [":scaled", "lin"], a, b)
+    assert result.batched is False
+    torch.testing.assert_close(result.patched["lin"], hook_patched(model, a, b, ["lin"]))
+    with pytest.raises(ValueError, match=r"':scaled' has shape \(4, 4\).*batched=False"):
+        patch(model, [":scaled", "lin"], a, b, batched=True)
+
+
+# -- input forms and errors -------------------------------------------------------------------------------
+def test_inputs_as_tuples_and_dicts():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x, scale):
+            return self.lin(x) * scale
+
+    model = TwoInputs().eval()
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    by_tuple = patch(model, ["lin"], (a, 3.0), (b, 3.0))
+    by_dict = patch(model, ["lin"], {"x": a, "scale": 3.0}, {"x": b, "scale": 3.0})
+    with torch.no_grad():
+        expected = model(a, 3.0)
+    assert torch.equal(by_tuple.patched["lin"], expected)
+    assert torch.equal(by_dict.patched["lin"], expected)
+
+
+def test_mistakes_are_explained(vit):
+    with pytest.raises(TypeError, match=r"not \{alias: selector\}"):
+        patch(vit, {"a": "attn"}, torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"batched must be"):
+        patch(vit, "attn", torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), batched="yes")
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(ValueError, match=r"same shape.*pad"):
+        patch(conv, ["0"], torch.randn(1, 3, 8, 8), torch.randn(1, 3, 10, 10))
+
+
+# -- through the run-time fallback ---------------------------------------------------------------------------
+@pytest.mark.skipif(
+    "fallback" not in inspect.signature(capture).parameters,
+    reason="capture() has no `fallback` argument yet (GPT-2 does not fx-trace)",
+)
+def test_patching_a_gpt2_block_through_the_fallback_equals_hooks():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    a, b = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    result = patch(model, ["transformer.h.0"], {"input_ids": a, "use_cache": False},
+                   {"input_ids": b, "use_cache": False})  # fmt: skip
+    expected = hook_patched(
+        model, a, b, ["transformer.h.0"],
+        lambda c, r: c if isinstance(c, torch.Tensor) else (c[0], *r[1:]),
+    )  # fmt: skip
+    torch.testing.assert_close(result.patched["transformer.h.0"].logits, expected.logits)
+    assert_same(result.corrupted.logits, model(b).logits.detach(), exact=False)
