@@ -202,7 +202,10 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     code = graph.python_code(root_module="self")
     runtime = None
     if runtime_pairs or runtime_edits:
-        runtime = RuntimeCapture(model, untraced, runtime_pairs, runtime_edits, set(features))
+        in_graph = [sel for _, sel in graph_pairs]
+        runtime = RuntimeCapture(
+            model, untraced, runtime_pairs, runtime_edits, set(features), optional=in_graph
+        )
     return Program(
         graph=graph,
         forward=_forward_from_src(code.src, code.globals),

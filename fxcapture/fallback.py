@@ -96,6 +96,8 @@ class RuntimeCapture:
         selectors: ``[(alias, selector)]`` the graph could not resolve.
         edits: ``{selector: fn(value, key)}`` applied to module outputs at run time.
         known: keys the graph already captures (the run-time side skips them).
+        optional: selectors that already matched in the graph (no error if they
+            match nothing at run time).
     """
 
     def __init__(
@@ -105,11 +107,13 @@ class RuntimeCapture:
         selectors: list[tuple[str | None, Selector]],
         edits: dict[Any, Callable[[Any, str], Any]] | None = None,
         known: set[str] = frozenset(),
+        optional: list[Selector] = (),
     ) -> None:
         self.regions = regions
         self.selectors = selectors
         self.edits = dict(edits or {})
         self.known = set(known)
+        self.optional = list(optional)
         self.paths: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         for path, module in root.named_modules():
@@ -304,6 +308,8 @@ class RuntimeCapture:
             for alias, selector in self.selectors:
                 found = [r for r in catalogue if match_one(r, selector)]
                 if not found:
+                    if any(selector is o for o in self.optional):
+                        continue
                     raise self._unknown(selector)
                 for i, r in enumerate(found):
                     key = r.key if alias is None else (alias if len(found) == 1 else f"{alias}@{i}")
