@@ -135,7 +135,8 @@ def resolve_edits(
     """
     if not isinstance(edits, Mapping):
         raise TypeError(
-            f"edit must be a dict {{selector: fn(value, key) or tensor}}, got {type(edits).__name__}"
+            "edit must be a dict {selector: fn(value, key) or tensor}, "
+            f"got {type(edits).__name__}"
         )
     pairs = []
     for selector, edit in edits.items():

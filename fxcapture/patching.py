@@ -90,7 +90,7 @@ class PatchingResult:
 
 # -- inputs and outputs ----------------------------------------------------------------
 def _call_args(inputs: Any) -> tuple[tuple, dict]:
-    """A tensor is one positional argument, a tuple the positional arguments, a dict the keywords."""
+    """A tensor is one positional argument, a tuple the positional ones, a dict keywords."""
     if isinstance(inputs, tuple):
         return inputs, {}
     if isinstance(inputs, Mapping):
@@ -250,12 +250,11 @@ def _run_stacked(
         check = baseline is not None and start == 0
         n = len(part) + check
         patcher.total = n * batch
-        patcher.slots = {
-            k: slice(i * batch, (i + 1) * batch) for i, label in enumerate(part) for k in groups[label]
-        }
+        rows = [slice(i * batch, (i + 1) * batch) for i in range(n)]
+        patcher.slots = {k: rows[i] for i, label in enumerate(part) for k in groups[label]}
         try:
             out = ex(*_repeat(args, n, batch), **_repeat(kwargs, n, batch))[0]
-            slices = [_slice_output(out, slice(i * batch, (i + 1) * batch), n * batch) for i in range(n)]
+            slices = [_slice_output(out, r, n * batch) for r in rows]
         finally:
             patcher.slots, patcher.total = {}, 0
         if check and not _close(slices[-1], baseline):
@@ -316,7 +315,8 @@ def patch(
     clean_args, clean_kwargs = _call_args(clean)
     args, kwargs = _call_args(corrupted)
     with torch.no_grad():
-        clean_out, clean_values = capture(model, names, **capture_kwargs)(*clean_args, **clean_kwargs)
+        recorder = capture(model, names, **capture_kwargs)
+        clean_out, clean_values = recorder(*clean_args, **clean_kwargs)
         keys = list(clean_values)
         patcher = _Patcher(combine)
         patcher.clean = clean_values

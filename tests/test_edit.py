@@ -249,7 +249,7 @@ def test_the_edit_applies_in_train_and_eval_graphs():
         torch.testing.assert_close(ex.train()(x)[0], expected)
 
 
-# -- torch.compile ----------------------------------------------------------------------------------
+# -- torch.compile ---------------------------------------------------------------------------------
 def test_edited_extractor_compiles_to_one_graph_without_breaks():
     torch._dynamo.reset()
     model = TinyViT().eval()
@@ -269,7 +269,7 @@ def test_edited_extractor_compiles_to_one_graph_without_breaks():
     torch.testing.assert_close(feats, eager_feats)
 
 
-# -- errors --------------------------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
     return TinyViT(depth=1).eval()
@@ -305,7 +305,7 @@ def test_structure_and_shape_mistakes_are_explained():
         capture(model, [], edit={"head": torch.zeros(4, 4)})(x)
 
 
-# -- the run-time fallback (transformers models do not fx-trace) -------------------------------------
+# -- the run-time fallback (transformers models do not fx-trace) -----------------------------------
 def _supports_fallback() -> bool:
     return "fallback" in inspect.signature(capture).parameters
 
@@ -330,7 +330,8 @@ def test_steering_gpt2_residual_stream_through_the_fallback_equals_a_hook():
 
     block = model.transformer.h[1]
     seen = []
-    handles = [replace_output(block, add), block.register_forward_hook(lambda m, a, o: seen.append(o))]
+    handles = [replace_output(block, add)]  # registered first: the next hook sees its output
+    handles.append(block.register_forward_hook(lambda m, a, o: seen.append(o)))
     try:
         with torch.no_grad():
             expected = model(ids).logits

@@ -81,7 +81,7 @@ def test_scores_normalise_between_corrupted_and_clean(resnet18):
     assert norm["layer1.0.conv1"] == pytest.approx((raw["layer1.0.conv1"] - low) / (high - low))
 
 
-# -- locals, stacking, one run for all ---------------------------------------------------------------
+# -- locals, stacking, one run for all -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_combine_patches_one_position_only(vit, pair):
     assert not torch.allclose(whole, expected)
 
 
-# -- when stacking is wrong ----------------------------------------------------------------------------
+# -- when stacking is wrong ------------------------------------------------------------------------
 class BatchCentered(nn.Module):
     """Samples interact: each is centred on the batch mean."""
 
@@ -184,7 +184,7 @@ def test_a_value_without_the_batch_in_dimension_0_falls_back_or_explains():
         patch(model, [":scaled", "lin"], a, b, batched=True)
 
 
-# -- input forms and errors -------------------------------------------------------------------------------
+# -- input forms and errors ------------------------------------------------------------------------
 def test_inputs_as_tuples_and_dicts():
     class TwoInputs(nn.Module):
         def __init__(self):
@@ -214,7 +214,7 @@ def test_mistakes_are_explained(vit):
         patch(conv, ["0"], torch.randn(1, 3, 8, 8), torch.randn(1, 3, 10, 10))
 
 
-# -- through the run-time fallback ---------------------------------------------------------------------------
+# -- through the run-time fallback -----------------------------------------------------------------
 @pytest.mark.skipif(
     "fallback" not in inspect.signature(capture).parameters,
     reason="capture() has no `fallback` argument yet (GPT-2 does not fx-trace)",
@@ -235,3 +235,15 @@ def test_patching_a_gpt2_block_through_the_fallback_equals_hooks():
     )  # fmt: skip
     torch.testing.assert_close(result.patched["transformer.h.0"].logits, expected.logits)
     assert_same(result.corrupted.logits, model(b).logits.detach(), exact=False)
+
+
+def test_the_example_finds_the_copied_position(capsys):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "activation_patching.py"
+    runpy.run_path(str(path), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "accuracy after training: 1.00" in printed
+    assert "position 2: +1.00" in printed and "position 0: +0.00" in printed
+    assert "attn:v     +1.00" in printed
