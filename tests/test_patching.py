@@ -242,7 +242,12 @@ def test_the_example_finds_the_copied_position(capsys):
     from pathlib import Path
 
     path = Path(__file__).parent.parent / "examples" / "activation_patching.py"
-    runpy.run_path(str(path), run_name="__main__")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only contend on a busy machine
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "accuracy after training: 1.00" in printed
     assert "position 2: +1.00" in printed and "position 0: +0.00" in printed
