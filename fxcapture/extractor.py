@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -39,6 +39,12 @@ class CaptureSpec:
     attention: str | None = None  # "weights": decompose fused attention (fxcapture.attention)
     edit: Any = None  # {selector: fn(value, key)} (fxcapture.edit)
     fallback: str = "auto"
+    # per call pattern: ((name, value) or (name, INPUT)) for optional arguments that a
+    # call gives a value other than their default (see Extractor._specialization)
+    specialization: tuple = ()
+
+
+INPUT = "<graph input>"  # an optional argument given a tensor: a graph input, not a constant
 
 
 @dataclass
@@ -71,24 +77,42 @@ class TraceFailure(RuntimeError):
     """torch.fx could not trace the model and ``fallback="never"`` was asked for."""
 
 
-def _default_concrete_args(model: torch.nn.Module, given: dict[str, Any] | None) -> dict:
+def constant_defaults(model: torch.nn.Module) -> tuple[list[str], dict[str, Any]]:
+    """``forward``'s positional parameter names, and those with a constant default.
+
+    Returns ``([], {})`` for a forward with ``*args``/``**kwargs`` or keyword-only
+    parameters (fx cannot bind those by name anyway).
+    """
+    forward = model.fn if isinstance(model, FunctionModule) else model.forward
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return [], {}
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return [], {}
+    defaults = {
+        p.name: p.default
+        for p in parameters
+        if p.default is not p.empty
+        and (p.default is None or type(p.default) in (bool, int, float, str))
+    }
+    return [p.name for p in parameters], defaults
+
+
+def _concrete_args(model: torch.nn.Module, spec: CaptureSpec) -> dict:
     """Fix ``forward`` arguments whose default is a constant (``mask=None``, ``flag=False``).
 
     fx would otherwise turn them into graph inputs and trace ``if mask is not None``
-    down the wrong branch. fx asserts at run time that a fixed argument keeps its value.
+    down the wrong branch. A call that passes another value gets its own graph
+    (``spec.specialization``); fx asserts at run time that fixed arguments hold.
     """
-    forward = model.fn if isinstance(model, FunctionModule) else model.forward
-    concrete = {}
-    try:
-        parameters = inspect.signature(forward).parameters.values()
-    except (TypeError, ValueError):
-        parameters = []
-    for p in parameters:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
-            continue
-        if p.default is None or type(p.default) in (bool, int, float, str):
-            concrete[p.name] = p.default
-    concrete.update(given or {})
+    concrete = dict(constant_defaults(model)[1])
+    concrete.update(spec.concrete_args or {})
+    for name, value in spec.specialization:
+        if value == INPUT:
+            concrete.pop(name, None)
+        else:
+            concrete[name] = value
     return concrete
 
 
@@ -99,7 +123,7 @@ def trace(
     tracer = CaptureTracer(tuple(spec.leaf_modules) + tuple(extra_leaves), spec.autowrap_functions)
     root = model.fn if isinstance(model, FunctionModule) else model
     try:
-        result = tracer.trace_model(root, _default_concrete_args(model, spec.concrete_args))
+        result = tracer.trace_model(root, _concrete_args(model, spec))
     except Exception as err:
         err.fxcapture_failed_module = tracer.failed_module  # type: ignore[attr-defined]
         raise
@@ -240,28 +264,51 @@ class Extractor(torch.nn.Module):
         for name, buf in model.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in non_persistent)
         self.training = model.training
-        self._programs: dict[bool, Program] = {}
+        self._params, self._defaults = constant_defaults(model)
+        self._programs: dict[tuple[bool, tuple], Program] = {}
         self._activate(self.training)
 
     # -- graphs per mode ---------------------------------------------------------
     def _activate(self, mode: bool) -> None:
-        program = self._programs.get(mode)
-        if program is None:
-            program = self._programs[mode] = self._build(mode)
+        program = self._program_for(mode, ())
         self._program = program
         self._forward = program.forward
         self._runtime = program.runtime
 
-    def _build(self, mode: bool) -> Program:
+    def _program_for(self, mode: bool, specialization: tuple) -> Program:
+        program = self._programs.get((mode, specialization))
+        if program is None:
+            program = self._programs[(mode, specialization)] = self._build(mode, specialization)
+        return program
+
+    def _build(self, mode: bool, specialization: tuple = ()) -> Program:
         model = self._model
         previous = model.training
         model.training = mode  # forwards that branch on self.training see this mode
         try:
-            program = build_program(model, self._spec)
+            spec = replace(self._spec, specialization=specialization)
+            program = build_program(model, spec)
         finally:
             model.training = previous
         self._attach_attributes(program)
         return program
+
+    def _specialization(self, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+        """Which optional arguments this call sets, and all arguments by position."""
+        values = dict(zip(self._params, args))
+        for name, value in kwargs.items():
+            if name not in self._params:
+                raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
+            values[name] = value
+        specialization = []
+        for name, default in self._defaults.items():
+            value = values.get(name, default)
+            if isinstance(value, torch.Tensor) or (default is None and value is not None):
+                specialization.append((name, INPUT))
+            elif value != default:
+                specialization.append((name, value))
+        positional = [values.get(n, self._defaults.get(n)) for n in self._params]
+        return tuple(specialization), positional
 
     def _attach_attributes(self, program: Program) -> None:
         """Make every ``get_attr`` of the graph resolve on this module."""
@@ -287,11 +334,16 @@ class Extractor(torch.nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        runtime = self._runtime
+        forward, runtime = self._forward, self._runtime
+        if self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
+            # optional arguments given: the graph traced for this call pattern
+            specialization, args = self._specialization(args, kwargs)
+            program = self._program_for(self.training, specialization)
+            forward, runtime, kwargs = program.forward, program.runtime, {}
         if runtime is None:
-            return self._forward(self, *args, **kwargs)
+            return forward(self, *args, **kwargs)
         with runtime.session() as session:
-            out, feats = self._forward(self, *args, **kwargs)
+            out, feats = forward(self, *args, **kwargs)
         feats.update(runtime.collect(session))
         return out, feats
 
