@@ -380,16 +380,16 @@ class Workload:
         return [v for k, v in result.items() if k != self.output_node or k in self.tv_nodes]
 
 
-def resnet50_workload(batch_size: int, quick: bool = False) -> Workload:
-    """torchvision resnet50 (random weights), capturing layer1-4 and fc."""
+def resnet_workload(batch_size: int, quick: bool = False, arch: str = "resnet50") -> Workload:
+    """torchvision ``arch`` (random weights), capturing layer1-4 and fc."""
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
+    model = torchvision.models.get_model(arch, weights=None).eval()
     size = 64 if quick else 224
     names = ["layer1", "layer2", "layer3", "layer4", "fc"]
     return Workload(
-        name="resnet50" + (f" @{size}px" if quick else ""),
+        name=arch + (f" @{size}px" if quick else ""),
         captured="layer1-4 + fc",
         model=model,
         inputs=(torch.randn(batch_size, 3, size, size),),
@@ -431,6 +431,14 @@ def vit_workload(batch_size: int, quick: bool = False) -> Workload:
         local="attn",
         local_owner=Attention,
     )
+
+
+def resnet50_workload(batch_size: int, quick: bool = False) -> Workload:
+    return resnet_workload(batch_size, quick, "resnet50")
+
+
+def resnet18_workload(batch_size: int, quick: bool = False) -> Workload:
+    return resnet_workload(batch_size, quick, "resnet18")
 
 
 WORKLOADS = {"resnet50": resnet50_workload, "vit": vit_workload}
