@@ -84,6 +84,7 @@ class _Session:
     keep_alive: list[Any] = field(default_factory=list)
     infos: dict[str, NameInfo] = field(default_factory=dict)
     codes: dict[str, Any] = field(default_factory=dict)
+    edit_calls: dict[str, int] = field(default_factory=dict)
 
 
 class RuntimeCapture:
@@ -128,6 +129,7 @@ class RuntimeCapture:
         self.counts: dict[str, int] = {}
         self.local_codes: dict[Any, set[str]] = {}
         self._lock = threading.Lock()
+        self._check_edits()
 
     # -- explain ---------------------------------------------------------------------
     def how(self, key: str) -> str:
@@ -142,7 +144,7 @@ class RuntimeCapture:
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 "fxcapture: these values are captured at run time inside modules that "
-                f"torch.fx could not trace ({', '.join(repr(r) for r in self.regions)}), "
+                f"torch.fx could not trace ({_describe(self.regions)}), "
                 "and torch.compile cannot see run-time captures. Compile the model "
                 "without capture, make those modules traceable (leaf_modules=, "
                 "concrete_args=), or capture only values of the traced part."
@@ -183,13 +185,23 @@ class RuntimeCapture:
         return handles
 
     def _edited_paths(self) -> list[str]:
-        return [p for p in self.modules if self._edit_for(p) is not None]
+        return [p for p in self.modules if self._edits_for(p)]
 
-    def _edit_for(self, path: str) -> Callable | None:
-        for selector, fn in self.edits.items():
-            if selector == path or (isinstance(selector, str) and _glob(selector, path)):
-                return fn
-        return None
+    def _edits_for(self, path: str) -> list[Any]:
+        """The edits selecting the output of module ``path``, in dict order."""
+        info = NameInfo(path, MODULE, path, "", path)
+        return [edit for selector, edit in self.edits.items() if match_one(info, selector)]
+
+    def _check_edits(self) -> None:
+        """Every edit must select a module output: locals cannot be replaced at run time."""
+        for selector in self.edits:
+            if not any(match_one(NameInfo(p, MODULE, p, "", p), selector) for p in self.modules):
+                raise ValueError(
+                    f"cannot edit {selector!r}: it runs inside {_describe(self.regions)}, "
+                    "which torch.fx could not trace, and a local variable cannot be replaced "
+                    "at run time. Edit the output of the enclosing module instead (a module "
+                    "path such as 'transformer.h.1'), or make the module traceable."
+                )
 
     # profile function on/off around region forwards (nested regions are counted)
     def _enter_region(self, module, args):
@@ -212,16 +224,22 @@ class RuntimeCapture:
         return None
 
     def _module_hook(self, path: str):
-        edit = self._edit_for(path)
+        edits = self._edits_for(path)
 
         def hook(module, args, output):
             session = getattr(_ACTIVE, "session", None)
             if session is None or session.capture is not self:
                 return None
-            if edit is not None:
-                output = edit(output, path)
+            if edits:
+                from .edit import apply_edit
+
+                calls = session.edit_calls[path] = session.edit_calls.get(path, -1) + 1
+                count = self.counts.get(path, 1)
+                key = path if count == 1 else f"{path}@{calls}"
+                for edit in edits:
+                    output = apply_edit(edit, output, key)
             self._record(session, path, MODULE, type(module).__name__, output, None)
-            return output if edit is not None else None
+            return output if edits else None
 
         return hook
 
@@ -346,10 +364,8 @@ class RuntimeCapture:
         return feats
 
 
-def _glob(pattern: str, key: str) -> bool:
-    import fnmatch
-
-    return any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(key, pattern)
+def _describe(regions: dict[str, str]) -> str:
+    return ", ".join(repr(r) if r else "the model's forward" for r in regions)
 
 
 def match_one(info: NameInfo, selector: Selector) -> bool:

@@ -286,3 +286,19 @@ def test_torch_compile_refuses_run_time_capture_clearly():
     compiled = torch.compile(ex, backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="torch.compile cannot see run-time captures"):
         compiled(torch.randn(2, 4))
+
+
+def test_run_time_edits_of_module_outputs_and_a_clear_error_for_locals():
+    model = Toy().eval()
+    x = torch.randn(2, 4)
+    zero = torch.zeros(4)
+    ex = capture(model, ["gate.lin"], edit={"gate.lin": zero})  # a tensor edit, at run time
+    out, feats = ex(x)
+    assert torch.equal(feats["gate.lin"], torch.zeros(2, 4))
+    handle = model.gate.lin.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        assert torch.equal(out, model(x))
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="cannot edit 'gated'.*enclosing module"):
+        capture(model, [], edit={"gated": lambda v, k: v})
