@@ -1,0 +1,36 @@
+"""timm families at tiny configs (fused attention off, so attention maps are locals)."""
+
+from __future__ import annotations
+
+import pytest
+
+import zoo_checker as zc
+
+pytest.importorskip("timm")
+
+
+def _assert_conforms(name: str) -> None:
+    model, x = zc.build_timm(name)
+    result = zc.check_model(model, x, name=name)
+    assert result.status != "failed", "\n".join([result.reason] + result.problems[:10])
+    assert result.n_modules > 0
+    assert result.fallback == {}, f"fell back for {result.fallback}"
+
+
+def test_vit_attention_maps_are_checked():
+    """The block-forward locals of a timm ViT include the softmax map ``attn``."""
+    model, x = zc.build_timm("vit_tiny_patch16_224")
+    plan = zc.plan_captures(model, x)
+    assert plan.locals_module == "blocks.0.attn"
+    assert "blocks.0.attn:attn" in plan.local_keys
+
+
+@pytest.mark.parametrize("name", zc.CI_TIMM)
+def test_ci_subset(name):
+    _assert_conforms(name)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", zc.zoo_params(list(zc.TIMM_MODELS), "timm"))
+def test_timm_model(name):
+    _assert_conforms(name)

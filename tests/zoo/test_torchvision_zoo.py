@@ -1,0 +1,27 @@
+"""Every torchvision classifier: output, module captures vs hooks, locals vs eager
+frames, train mode vs a deep copy (see zoo_checker.check_model)."""
+
+from __future__ import annotations
+
+import pytest
+
+import zoo_checker as zc
+
+
+def _assert_conforms(name: str) -> None:
+    model, x = zc.build_torchvision(name)
+    result = zc.check_model(model, x, name=name)
+    assert result.status != "failed", "\n".join([result.reason] + result.problems[:10])
+    assert result.n_modules > 0
+    assert result.fallback == {}, f"fell back for {result.fallback}"
+
+
+@pytest.mark.parametrize("name", zc.CI_TORCHVISION)
+def test_ci_subset(name):
+    _assert_conforms(name)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", zc.zoo_params(zc.torchvision_models(), "torchvision"))
+def test_torchvision_model(name):
+    _assert_conforms(name)
