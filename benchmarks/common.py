@@ -366,6 +366,7 @@ class Workload:
     output_node: str | None = None  # torchvision's name of the model output, if extra
     local: str | None = None  # the local variable captured, for get_local-style tools
     local_owner: type | None = None  # the class whose forward holds that local
+    key: str = ""  # how to build it again: WORKLOADS[key](batch_size, quick)
 
     def to(self, device: torch.device) -> "Workload":
         self.model.to(device)
@@ -389,6 +390,7 @@ def resnet_workload(batch_size: int, quick: bool = False, arch: str = "resnet50"
     size = 64 if quick else 224
     names = ["layer1", "layer2", "layer3", "layer4", "fc"]
     return Workload(
+        key=arch,
         name=arch + (f" @{size}px" if quick else ""),
         captured="layer1-4 + fc",
         model=model,
@@ -420,6 +422,7 @@ def vit_workload(batch_size: int, quick: bool = False) -> Workload:
     paths = [f"blocks.{i}.attn.attn_drop" for i in range(blocks)]
     size = kwargs.get("img_size", 224)
     return Workload(
+        key="vit",
         name="vit_small_patch16_224" + (f" @{size}px depth {blocks}" if quick else ""),
         captured=f"{blocks} attention maps",
         model=model,
