@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--cache", default="/tmp/fxcapture_zoo_results.json")
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo_report.md"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)  # tiny inputs: threads mostly contend
 
     cache_path = Path(args.cache)
     cache: dict[str, dict] = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())

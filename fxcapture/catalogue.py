@@ -115,8 +115,15 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
     local_function: dict[str, str] = {}
     first_seen: dict[tuple, str] = {}  # (name, node ids) -> base key where created
     alias_bases: dict[str, str] = {}
+    from .rewrite import value_at  # rewrite imports this module
+
     for rec in result.locals:
         base = f"{rec.module}:{rec.name}"
+        if rec.returned_after is not None:  # in-place writes before the return count
+            rec.value = map_aggregate(
+                rec.value,
+                lambda v: value_at(v, rec.returned_after, modules) if isinstance(v, fx.Node) else v,
+            )
         identity = (rec.name, tuple(id(n) for n in value_nodes(rec.value)))
         origin = first_seen.get(identity)
         if origin is not None:

@@ -95,6 +95,31 @@ def mutated_input(node: fx.Node, modules: dict[str, torch.nn.Module]) -> fx.Node
     return None
 
 
+def value_at(
+    node: fx.Node, point: fx.Node | None, modules: dict[str, torch.nn.Module]
+) -> fx.Node:
+    """The node holding ``node``'s tensor as it is once the graph has run up to ``point``.
+
+    A local's value is read when its function returns: in-place ops on it before then
+    (``nn.ReLU(inplace=True)`` on ``x`` in ``return self.act(x)``, ``y.add_(1)``) are
+    part of it. Each such op returns the tensor it wrote, so the last one stands for
+    the value. (Writes through a view or ``x[i] = v`` return no such node: missed.)
+    """
+    if point is None or point is node:
+        return node
+    chain, current = {node}, node
+    cursor = node.next
+    while cursor.op != "root":
+        target = mutated_input(cursor, modules)
+        if target in chain and cursor.target not in (operator.setitem, "__setitem__"):
+            chain.add(cursor)
+            current = cursor
+        if cursor is point:
+            break
+        cursor = cursor.next
+    return current
+
+
 def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     if node.op in ("call_function", "call_method"):
         return _target_name(node) in _VIEW_NAMES
@@ -199,5 +224,6 @@ __all__ = [
     "protect_from_inplace",
     "prune",
     "substitute",
+    "value_at",
     "value_nodes",
 ]

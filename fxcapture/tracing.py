@@ -51,6 +51,7 @@ class LocalRecord:
     function: str  # qualified name of the function whose frame held it
     name: str
     value: Any  # the local's value with every Proxy replaced by its fx.Node
+    returned_after: fx.Node | None = None  # last graph node when the function returned
 
 
 @dataclass
@@ -191,6 +192,7 @@ class CaptureTracer(fx.Tracer):
             return
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        last = next(reversed(self.graph.nodes), None)
         for name, value in frame.f_locals.items():
             if name == "self" or name.startswith((".", "__")):
                 continue
@@ -202,7 +204,7 @@ class CaptureTracer(fx.Tracer):
                     continue
             else:
                 continue
-            self.local_records.append(LocalRecord(module, function, name, value))
+            self.local_records.append(LocalRecord(module, function, name, value, last))
 
     # -- entry point -----------------------------------------------------------
     def trace_model(

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-# The checker is shared with benchmarks/zoo_report.py: import it by its directory.
-sys.path.insert(0, str(Path(__file__).parent))
+# The checker is shared with benchmarks/zoo_report.py: import it by its directory
+# (appended, so that `from conftest import ...` in tests/ still finds tests/conftest.py).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.append(str(Path(__file__).parent))
 
 
 def _zoo_requested(config: pytest.Config) -> bool:

@@ -3,7 +3,6 @@ what they claim to, and that a model that does not conform is caught."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -82,13 +81,9 @@ def test_a_conforming_model_passes_and_a_nonconforming_one_fails():
     assert "output" in result.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fxcapture bug: a local written in place before its function returns "
-    "(`y.add_(1)`) is captured as it was before the write (protect_from_inplace clones it "
-    "right after its node) instead of its value at return; see the zoo report",
-)
 def test_local_written_in_place_before_return_has_its_value_at_return():
+    """`y.add_(1)` then `nn.ReLU(inplace=True)` on `y` run before the return: both count
+    (regnet's `x` in ResBottleneckBlock.forward, `return self.activation(x)`)."""
     torch.manual_seed(0)
     result = zc.check_model(nn.Sequential(Block(), nn.Linear(4, 2)), torch.randn(2, 4))
     assert result.status == "traced", result.problems

@@ -300,8 +300,8 @@ class Plan:
 
 
 _ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
-_BLOCK = re.compile(r"block|layer|bottleneck|cell|stage|residual|inverted|mbconv|fire|inception|stem",
-                    re.IGNORECASE)  # fmt: skip
+_BLOCK = re.compile(r"block|layer(?!norm)|bottleneck|cell|stage|residual|inverted|mbconv|fire|"
+                    r"inception|stem", re.IGNORECASE)  # fmt: skip
 
 
 def plan_captures(model: nn.Module, x: torch.Tensor, **capture_kwargs: Any) -> Plan:
@@ -416,20 +416,23 @@ def check_locals(model, x, extractor, feats, module_path, keys) -> list[str]:
     return problems
 
 
-def check_train(model, x, names, capture_kwargs) -> list[str]:
+def check_train(model, x, extractor, names) -> list[str]:
     """Train mode: with the same seed, the extractor gives the output, the module
     values (hooks) and the buffer updates (BatchNorm stats) of a deep copy."""
     reference = copy.deepcopy(model).train()
-    extractor = fxcapture.capture(model, names, **capture_kwargs).train()
+    extractor.train()
 
     def run_reference():
         torch.manual_seed(SEED + 1)
         run_reference.out = reference(x)
 
-    with torch.no_grad():
-        hooked = module_calls(reference, run_reference, set(names))
-        torch.manual_seed(SEED + 1)
-        out, feats = extractor(x)
+    try:
+        with torch.no_grad():
+            hooked = module_calls(reference, run_reference, set(names))
+            torch.manual_seed(SEED + 1)
+            out, feats = extractor(x)
+    finally:
+        extractor.eval()
     problems = differences(out, run_reference.out, "train output")
     for path in names:
         keys = _module_keys(extractor.names, path)
@@ -443,7 +446,6 @@ def check_train(model, x, names, capture_kwargs) -> list[str]:
     for name, buf in model.named_buffers():
         if name in buffers:
             problems += differences(buf, buffers[name], f"train buffer {name}")
-    model.eval()
     return problems
 
 
@@ -472,7 +474,7 @@ def check_model(model: nn.Module, x: torch.Tensor, name: str = "", **capture_kwa
             problems += check_locals(model, x, extractor, feats, plan.locals_module, plan.local_keys)
         result.fallback = fallback_modules(extractor)
         stage = "train mode"
-        problems += check_train(model, x, plan.children, capture_kwargs)
+        problems += check_train(model, x, extractor, plan.children)
         result.problems = problems
         if problems:
             result.reason = f"{len(problems)} mismatches, first: {problems[0]}"
