@@ -112,7 +112,8 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
     # Locals: one value per distinct (module, name, nodes); the same nodes under the
     # same name in an outer frame become an alias of the innermost one.
     local_values: dict[str, list[Any]] = defaultdict(list)
-    local_function: dict[str, str] = {}
+    local_function: dict[str, list[str]] = defaultdict(list)  # per value: a helper's
+    # locals share their base key with the calling forward's (`x` in both)
     first_seen: dict[tuple, str] = {}  # (name, node ids) -> base key where created
     alias_bases: dict[str, str] = {}
     from .rewrite import value_at  # rewrite imports this module
@@ -132,11 +133,11 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
             continue
         first_seen[identity] = base
         local_values[base].append(rec.value)
-        local_function.setdefault(base, rec.function)
+        local_function[base].append(rec.function)
     for base, values in local_values.items():
         module = base.rpartition(":")[0]
-        for key, call, value in _keyed(base, values):
-            records.append(NameInfo(key, LOCAL, module, local_function[base], base, call, value))
+        for (key, call, value), function in zip(_keyed(base, values), local_function[base]):
+            records.append(NameInfo(key, LOCAL, module, function, base, call, value))
 
     for node in result.graph.nodes:
         if node.op == "output":

@@ -153,7 +153,10 @@ def build_torchvision(name: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(SEED)
     model = torchvision.models.get_model(name, weights=None, **TORCHVISION_KWARGS.get(name, {}))
     model.eval()
-    size = TORCHVISION_MIN_SIZE.get(name) or find_min_size(copy.deepcopy(model))
+    fixed = TORCHVISION_KWARGS.get(name, {}).get("image_size")
+    size = TORCHVISION_MIN_SIZE.get(name) or find_min_size(
+        copy.deepcopy(model), (fixed,) if fixed else SIZES
+    )
     return model, make_input(size)
 
 
