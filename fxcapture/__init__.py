@@ -10,7 +10,9 @@ Example::
 from .api import NameTable, capture, list_names
 from .catalogue import NameInfo
 from .extractor import Extractor
+from .extract import extract
+from .storage import load
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "list_names", "Extractor", "NameInfo", "NameTable", "__version__"]
+__all__ = ["capture", "list_names", "extract", "load", "Extractor", "NameInfo", "NameTable", "__version__"]
