@@ -12,7 +12,9 @@ from .catalogue import NameInfo
 from .extractor import Extractor
 from .extract import extract
 from .storage import load
+from .compat import HookManager, Monitor, get_local
 
 __version__ = "0.1.0"
 
 __all__ = ["capture", "list_names", "extract", "load", "Extractor", "NameInfo", "NameTable", "__version__"]
+__all__ += ["get_local", "HookManager", "Monitor"]
