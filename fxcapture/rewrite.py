@@ -22,12 +22,14 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from .catalogue import value_nodes
+from .tracing import INPLACE_FUNCTIONS
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
     operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
 }  # fmt: skip
+_INPLACE_OPERATORS |= set(INPLACE_FUNCTIONS.values())  # x += y (fxcapture.tracing)
 
 # Ops whose result may share memory with their first argument.
 _VIEW_NAMES = {

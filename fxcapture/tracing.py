@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import sysconfig
@@ -124,6 +125,53 @@ def _resolve_leaf_spec(leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], s
     return tuple(types), paths
 
 
+def _augmented(symbol: str, name: str) -> Callable[[Any, Any], Any]:
+    namespace: dict[str, Any] = {}
+    exec(f"def {name}(a, b):\n    a {symbol}= b\n    return a\n", namespace)
+    fn = namespace[name]
+    fn.__module__ = __name__
+    fn.__doc__ = f"``a {symbol}= b``: in place for tensors, a new value for immutables."
+    return fn
+
+
+# One function per augmented assignment, as graph nodes: not operator.iadd & co, whose
+# fx code `a += b; node = a` would rebind `a` for ints too.
+INPLACE_FUNCTIONS = {
+    fn.__name__: fn
+    for fn in (
+        _augmented(symbol, name)
+        for symbol, name in (
+            ("+", "iadd"), ("-", "isub"), ("*", "imul"), ("/", "itruediv"),
+            ("//", "ifloordiv"), ("%", "imod"), ("**", "ipow"), ("&", "iand"),
+            ("|", "ior"), ("^", "ixor"), ("<<", "ilshift"), (">>", "irshift"),
+            ("@", "imatmul"),
+        )
+    )
+}  # fmt: skip
+globals().update(INPLACE_FUNCTIONS)  # importable by name, as fx code and pickle need
+
+
+class InplaceProxy(fx.Proxy):
+    """An ``fx.Proxy`` that records ``x += y`` and ``x[i] = v`` as in-place ops.
+
+    Plain fx traces ``x += y`` as ``x = x + y`` (so a tensor aliasing ``x`` misses the
+    write the eager model makes) and rejects ``x[i] = v``.
+    """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+for _name, _fn in INPLACE_FUNCTIONS.items():
+    setattr(
+        InplaceProxy,
+        f"__{_name}__",
+        lambda self, other, _fn=_fn: self.tracer.create_proxy(
+            "call_function", _fn, (self, other), {}
+        ),
+    )
+
+
 class CaptureTracer(fx.Tracer):
     """A ``torch.fx.Tracer`` that records module return values and function locals.
 
@@ -168,6 +216,9 @@ class CaptureTracer(fx.Tracer):
             self.leaf_paths.add(path)
         self.module_calls.append((path, _to_nodes(out)))
         return out
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
