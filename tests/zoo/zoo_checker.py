@@ -47,7 +47,30 @@ BATCH = 2
 # train mode, found with `find_min_size` over SIZES (random weights, torch 2.14,
 # torchvision 0.29). Models missing here are searched at run time.
 SIZES = (32, 64, 96, 128, 160, 192, 224, 299)
-TORCHVISION_MIN_SIZE: dict[str, int] = {}  # filled in below (generated table)
+# (alexnet needs 64, inception_v3 299 for its train-mode aux head, maxvit_t 224.)
+TORCHVISION_MIN_SIZE: dict[str, int] = {
+    "alexnet": 64, "convnext_base": 32, "convnext_large": 32, "convnext_small": 32,
+    "convnext_tiny": 32, "densenet121": 32, "densenet161": 32, "densenet169": 32,
+    "densenet201": 32, "efficientnet_b0": 32, "efficientnet_b1": 32, "efficientnet_b2":
+    32, "efficientnet_b3": 32, "efficientnet_b4": 32, "efficientnet_b5": 32,
+    "efficientnet_b6": 32, "efficientnet_b7": 32, "efficientnet_v2_l": 32,
+    "efficientnet_v2_m": 32, "efficientnet_v2_s": 32, "googlenet": 32, "inception_v3":
+    299, "maxvit_t": 224, "mnasnet0_5": 32, "mnasnet0_75": 32, "mnasnet1_0": 32,
+    "mnasnet1_3": 32, "mobilenet_v2": 32, "mobilenet_v3_large": 32,
+    "mobilenet_v3_small": 32, "regnet_x_16gf": 32, "regnet_x_1_6gf": 32,
+    "regnet_x_32gf": 32, "regnet_x_3_2gf": 32, "regnet_x_400mf": 32, "regnet_x_800mf":
+    32, "regnet_x_8gf": 32, "regnet_y_128gf": 32, "regnet_y_16gf": 32, "regnet_y_1_6gf":
+    32, "regnet_y_32gf": 32, "regnet_y_3_2gf": 32, "regnet_y_400mf": 32,
+    "regnet_y_800mf": 32, "regnet_y_8gf": 32, "resnet101": 32, "resnet152": 32,
+    "resnet18": 32, "resnet34": 32, "resnet50": 32, "resnext101_32x8d": 32,
+    "resnext101_64x4d": 32, "resnext50_32x4d": 32, "shufflenet_v2_x0_5": 32,
+    "shufflenet_v2_x1_0": 32, "shufflenet_v2_x1_5": 32, "shufflenet_v2_x2_0": 32,
+    "squeezenet1_0": 32, "squeezenet1_1": 32, "swin_b": 32, "swin_s": 32, "swin_t": 32,
+    "swin_v2_b": 32, "swin_v2_s": 32, "swin_v2_t": 32, "vgg11": 32, "vgg11_bn": 32,
+    "vgg13": 32, "vgg13_bn": 32, "vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "vgg19_bn":
+    32, "vit_b_16": 32, "vit_b_32": 32, "vit_h_14": 28, "vit_l_16": 32, "vit_l_32": 32,
+    "wide_resnet101_2": 32, "wide_resnet50_2": 32,
+}  # fmt: skip
 
 # ViTs fix their input size at construction: build them for a tiny image instead.
 TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
@@ -76,11 +99,17 @@ TIMM_MODELS: dict[str, dict[str, Any]] = {
     "beit_base_patch16_224": {"img_size": 32},
     "eva02_tiny_patch14_224": {"img_size": 28},
 }
-TIMM_MIN_SIZE: dict[str, int] = {}  # filled in below (generated table)
+TIMM_MIN_SIZE: dict[str, int] = {
+    "beit_base_patch16_224": 32, "convnext_atto": 32, "deit_tiny_distilled_patch16_224":
+    32, "deit_tiny_patch16_224": 32, "efficientnet_b0": 32, "eva02_tiny_patch14_224":
+    28, "mobilenetv3_large_100": 32, "mobilenetv3_small_050": 32, "regnetx_002": 32,
+    "regnety_002": 32, "resnet10t": 32, "resnet18": 32, "swin_tiny_patch4_window7_224":
+    64, "vit_tiny_patch16_224": 32,
+}  # fmt: skip
 
 # The small subset that always runs (tests/zoo/test_*_zoo.py::test_ci_subset).
-CI_TORCHVISION = ["resnet18", "mobilenet_v3_small", "swin_t", "vit_b_32", "googlenet"]
-CI_TIMM = ["vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"]
+CI_TORCHVISION = ["resnet18", "mobilenet_v3_small", "vit_b_32", "shufflenet_v2_x0_5"]
+CI_TIMM = ["vit_tiny_patch16_224", "convnext_atto"]
 
 
 # "zoo:model" -> why it is not fully traced and conforming yet, and the plan. Shared
