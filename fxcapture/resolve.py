@@ -74,8 +74,13 @@ def match(catalogue: Catalogue, selector: Selector) -> list[NameInfo]:
 
 
 def _unknown_selector_error(
-    catalogue: Catalogue, selector: str, root: torch.nn.Module | None, leaves: set[str]
+    catalogue: Catalogue, selector: Selector, root: torch.nn.Module | None, leaves: set[str]
 ) -> ValueError:
+    if callable(selector):
+        return ValueError(
+            f"the predicate {selector!r} selected no value; "
+            "use fxcapture.list_names(model) to see what there is."
+        )
     hint = ""
     if root is not None and not _is_glob(selector):
         path = selector.partition(":")[0].partition("@")[0]
@@ -131,11 +136,6 @@ def resolve(
     for alias, selector in pairs:
         found = match(catalogue, selector)
         if not found:
-            if callable(selector):
-                raise ValueError(
-                    f"the predicate {selector!r} selected no value; "
-                    "use fxcapture.list_names(model) to see what there is."
-                )
             raise _unknown_selector_error(catalogue, selector, root, leaves)
         if alias is None:
             for r in found:
