@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -241,6 +241,41 @@ def _expose_mha(result: TraceResult, node: fx.Node) -> None:
     result.locals.append(LocalRecord(module, MHA_FUNCTION, PROBS_MEAN, mean))
 
 
+def check_mode(mode: str) -> None:
+    """Raise a clear ``ValueError`` unless ``mode`` is a supported ``attention=`` value."""
+    if mode not in MODES:
+        raise ValueError(
+            f"attention={mode!r} is not supported: use attention='weights' to expose the "
+            "probabilities of fused attention, or attention=None (default) to keep the fused kernels"
+        )
+
+
+class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
+    """Run-time counterpart of the graph rewrite, for code fx cannot trace.
+
+    Inside this mode every ``F.scaled_dot_product_attention`` call is computed by
+    :func:`explicit_sdpa` and ``on_probs(probs)`` is called with its probabilities.
+
+    Example::
+
+        >>> maps = []
+        >>> with ExplicitAttentionMode(maps.append):
+        ...     out = model(input_ids)
+    """
+
+    def __init__(self, on_probs: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.on_probs = on_probs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out, probs = explicit_sdpa(*args, **kwargs)
+            self.on_probs(probs)
+            return out
+        return func(*args, **kwargs)
+
+
 def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: str) -> None:
     """Rewrite fused attention in ``result.graph`` so its probabilities can be captured.
 
@@ -252,11 +287,7 @@ def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: s
 
         >>> ex = capture(model, "attn_probs", attention="weights")
     """
-    if mode not in MODES:
-        raise ValueError(
-            f"attention={mode!r} is not supported: use attention='weights' to expose the "
-            "probabilities of fused attention, or attention=None (default) to keep the fused kernels"
-        )
+    check_mode(mode)
     modules = dict(root.named_modules())
     for node in list(result.graph.nodes):
         if _is_sdpa(node):
@@ -269,11 +300,13 @@ def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: s
 
 
 __all__ = [
+    "ExplicitAttentionMode",
     "PROBS",
     "PROBS_MEAN",
     "attention_output",
     "attention_probs",
     "attention_scores",
+    "check_mode",
     "expose_attention_weights",
     "explicit_sdpa",
 ]

@@ -149,6 +149,10 @@ def trace_with_fallback(
     """
     if spec.fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {spec.fallback!r}")
+    if spec.attention is not None:
+        from .attention import check_mode
+
+        check_mode(spec.attention)  # a bad mode is the caller's error, not a trace failure
     if spec.fallback == "always":
         return None, None, {"": "fallback='always'"}
     untraced: dict[str, str] = {}
