@@ -110,6 +110,8 @@ def _reducer(how: Reducer) -> Callable[[Any], Any] | None:
 
 
 def _selects(selector: str, key: str, catalogue: Any) -> bool:
+    if key == OUTPUT_KEY:
+        return selector == key  # the model output is reduced only when named
     if selector in (key, key.partition("@")[0]) or fnmatch.fnmatchcase(key, selector):
         return True
     if catalogue is None or key == OUTPUT_KEY:
@@ -125,10 +127,11 @@ def _selects(selector: str, key: str, catalogue: Any) -> bool:
 def resolve_reducers(reduce: Any, keys: list[str], catalogue: Any = None) -> dict[str, Callable | None]:
     """One reducer per key. ``reduce`` is one reducer for all, or ``{selector: reducer}``
     where a selector is a key, a glob over keys, or a capture selector (``"attn"``).
-    The first matching entry wins; keys no entry matches are stored as they are."""
+    The first matching entry wins; keys no entry matches are stored as they are, and
+    so is the model output (key ``"output"``) unless an entry names it."""
     if not isinstance(reduce, Mapping):
         fn = _reducer(reduce)
-        return {key: fn for key in keys}
+        return {key: None if key == OUTPUT_KEY else fn for key in keys}
     table: dict[str, Callable | None] = {}
     used: set[str] = set()
     for key in keys:
@@ -550,7 +553,8 @@ def extract(
         reduce: applied on the device before the copy: ``"mean"`` (over tokens of
             ``(B, N, C)`` or positions of ``(B, C, H, W)``), ``"max"``, ``"cls"``
             (``x[:, 0]``), ``"flatten"``, ``"none"``, a callable ``fn(value) -> tensor``,
-            or ``{selector: reducer}`` per key (keys, globs, or capture selectors).
+            or ``{selector: reducer}`` per key (keys, globs, or capture selectors). The
+            model output is stored whole unless ``{"output": reducer}`` is given.
         device: where the model runs (default: where its parameters are).
         autocast: ``True`` or a dtype: run under ``torch.autocast``.
         dtype: store floating values as this dtype (``"float16"`` halves the copies).
@@ -609,6 +613,9 @@ def extract(
             "data_files": source.files_hash(),
             "rows": source.total,
         }
+        extractor = capture(model, names, keep_output=bool(output), **dict(capture_options or {}))
+        if extractor.names and not getattr(extractor, "untraced", None):  # all keys known: check now
+            resolve_reducers(reduce, [OUTPUT_KEY] * bool(output) + extractor.names, extractor.catalogue)
         # rank 0 prepares the directory first; the others check it once it is ready
         state = prepare_output(out, config, resume=resume, overwrite=overwrite) if group.primary else None
         group.barrier()
@@ -619,7 +626,6 @@ def extract(
 
         previous = {m: m.training for m in model.modules()}
         model.to(device)
-        extractor = capture(model, names, keep_output=bool(output), **dict(capture_options or {}))
         extractor.eval()
         try:
             seen: dict[str, int] = {}

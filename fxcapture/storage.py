@@ -125,6 +125,8 @@ def prepare_output(
     output when ``overwrite`` and writes ``run.json`` for a new one.
     """
     state = existing_config(out)
+    if state is not None and state[0] == "unfinished" and not complete_chunks(out):
+        overwrite = True  # a run that stopped before its first chunk: nothing to keep
     if state is not None and not overwrite:
         kind, old = state
         if config_hash(old) != config_hash(config):
@@ -259,7 +261,7 @@ class ChunkWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._thread = threading.Thread(target=self._run, name="fxcapture-writer", daemon=True)
         self._error: BaseException | None = None
-        self._aborted = False
+        self._aborted = False  # set by abort(): no partial chunk at the end
         self._buffers: dict[str, np.ndarray] = {}
         self._start = 0  # first row of the chunk being filled
         self._filled = 0
@@ -295,15 +297,8 @@ class ChunkWriter:
         self._raise_error()
 
     def abort(self) -> None:
-        """Stop after the chunk being written; drop queued rows and the partial chunk."""
+        """Write the complete chunks of what is queued, drop the last partial chunk, stop."""
         self._aborted = True
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not self._STOP and item[3] is not None:
-                item[3]()
         if self._thread.is_alive():
             self._queue.put(self._STOP)
             self._thread.join()
@@ -319,10 +314,6 @@ class ChunkWriter:
                 item = self._queue.get()
                 if item is self._STOP:
                     break
-                if self._aborted:
-                    if item[3] is not None:
-                        item[3]()
-                    continue
                 self._add(*item)
             if not self._aborted:
                 self._flush()

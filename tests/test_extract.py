@@ -1,0 +1,403 @@
+"""``fxcapture.extract`` over datasets, checked against plain loops (forward hooks and
+a manual forward, numpy), a killed and resumed subprocess, memory of a 10x larger run,
+and the ``fxcapture extract`` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxcapture
+from fxcapture import cli
+from fxcapture.extract import SyntheticImages, resolve_reducers
+from fxcapture.models import TinyViT, build_model
+from fxcapture.storage import UnfinishedOutputError, complete_chunks
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def tiny_vit() -> TinyViT:
+    torch.manual_seed(0)
+    return TinyViT(image_size=32).eval()
+
+
+def images(n: int, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+# -- an independent reference: hooks, a manual attention map, numpy ---------------------
+def vit_reference(model: TinyViT, x: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Per batch: block 1's output (hook) mean over tokens, every attention map computed by
+    hand from the attention module's input, the model output."""
+    rows: dict[str, list] = {"output": [], "blocks.1": []}
+    rows.update({f"blocks.{i}.attn:attn": [] for i in range(len(model.blocks))})
+    seen: dict = {}
+    handles = [model.blocks[1].register_forward_hook(lambda m, a, out: seen.__setitem__("b1", out))]
+    for i, block in enumerate(model.blocks):
+        handles.append(block.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])))
+    try:
+        with torch.no_grad():
+            for b in x.split(batch_size):
+                rows["output"].append(model(b).numpy())
+                rows["blocks.1"].append(seen["b1"].mean(1).numpy())
+                for i, block in enumerate(model.blocks):
+                    a, h = seen[i], block.attn.heads
+                    B, N, C = a.shape
+                    q, k, _ = block.attn.qkv(a).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+                    attn = (q @ k.transpose(-2, -1) / math.sqrt(C // h)).softmax(-1)
+                    rows[f"blocks.{i}.attn:attn"].append(attn.flatten(1).numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def test_values_equal_a_plain_loop(tmp_path):
+    model, x = tiny_vit(), images(23)
+    feats = fxcapture.extract(
+        model, ["blocks.1", "attn"], x, out=tmp_path / "o", reduce={"blocks.1": "mean", "attn": "flatten"},
+        output=True, batch_size=5, chunk_size=7,
+    )  # fmt: skip
+    expected = vit_reference(model, x, batch_size=5)
+    assert list(feats) == ["output", "blocks.1"] + [f"blocks.{i}.attn:attn" for i in range(4)]
+    for key, value in expected.items():
+        assert isinstance(feats[key], np.memmap)
+        np.testing.assert_allclose(feats[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["rows"] == 23 and manifest["names"] == list(feats)
+    assert manifest["arrays"]["blocks.1"]["shape"] == [23, 96]
+    assert manifest["arrays"]["blocks.0.attn:attn"]["dtype"] == "<f4"
+    assert not (tmp_path / "o" / "chunks").exists()
+
+
+def test_resnet_dataloader_of_image_label_pairs_equals_hooks(resnet18, tmp_path):
+    x, y = images(10, 64), torch.arange(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    feats = fxcapture.extract(resnet18, ["layer4", "layer2"], loader, out=tmp_path / "o",
+                              reduce={"layer4": "mean", "layer2": "max"}, dtype="float16")  # fmt: skip
+    expected: dict = {"layer4": [], "layer2": []}
+    handles = [resnet18.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: expected[p].append(o))
+               for p in expected]  # fmt: skip
+    with torch.no_grad():
+        for b, _ in loader:
+            resnet18(b)
+    for h in handles:
+        h.remove()
+    mean = torch.cat(expected["layer4"]).mean((2, 3)).half().numpy()
+    amax = torch.cat(expected["layer2"]).amax((2, 3)).half().numpy()
+    assert feats["layer4"].dtype == np.float16 and feats["layer4"].shape == (10, 512)
+    np.testing.assert_array_equal(feats["layer4"], mean)
+    np.testing.assert_array_equal(feats["layer2"], amax)
+    assert resnet18.training is False
+
+
+def test_cls_callable_and_dict_batches_with_inputs(tmp_path):
+    model, x = tiny_vit(), images(9)
+    batches = [{"pixels": b, "label": torch.zeros(len(b))} for b in x.split(4)]  # an iterable of dicts
+    feats = fxcapture.extract(
+        model, {"last": "blocks.3", "tokens": "blocks.0"}, batches, out=tmp_path / "o",
+        reduce={"last": "cls", "tok*": lambda v: v[:, 1:3].sum(1)}, inputs=lambda b: (b["pixels"],),
+    )  # fmt: skip
+    seen: dict = {"blocks.3": [], "blocks.0": []}
+    handles = [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: seen[p].append(o)) for p in seen]
+    with torch.no_grad():
+        for b in x.split(4):
+            model(b)
+    for h in handles:
+        h.remove()
+    np.testing.assert_array_equal(feats["last"], torch.cat(seen["blocks.3"])[:, 0].numpy())
+    np.testing.assert_array_equal(feats["tokens"], torch.cat(seen["blocks.0"])[:, 1:3].sum(1).numpy())
+
+
+def test_training_flags_are_restored_and_the_model_is_not_rewired(tmp_path):
+    model = tiny_vit().train()
+    forward = type(model).forward
+    fxcapture.extract(model, "blocks.0", images(4), out=tmp_path / "o", reduce="mean", batch_size=2)
+    assert all(m.training for m in model.modules())
+    assert type(model).forward is forward and not model._forward_hooks
+
+
+# -- Ctrl-C, resume, kill ---------------------------------------------------------------
+def interrupted(x: torch.Tensor, after: int):
+    """Batches of ``x`` that raise KeyboardInterrupt once ``after`` batches went out."""
+    for i, b in enumerate(x.split(2)):
+        if i == after:
+            raise KeyboardInterrupt
+        yield b
+
+
+def test_ctrl_c_leaves_complete_chunks_and_resume_fills_the_rest(tmp_path):
+    model, x = tiny_vit(), images(14)
+    kw = dict(out=tmp_path / "o", reduce="mean", chunk_size=4, data_name="x")
+    with pytest.raises(KeyboardInterrupt):
+        fxcapture.extract(model, "blocks.1", interrupted(x, after=5), **kw)  # 10 rows were computed
+    assert [(c.start, c.stop) for c in complete_chunks(tmp_path / "o")] == [(0, 4), (4, 8)]
+    with pytest.raises(UnfinishedOutputError, match="8 rows in complete chunks"):
+        fxcapture.load(tmp_path / "o")
+    ran = []
+    count = lambda m, a: ran.append(a[0].shape[0]) if isinstance(a[0], torch.Tensor) else None  # noqa: E731
+    model.patch_embed.register_forward_pre_hook(count)  # a leaf: the extractor calls it
+    feats = fxcapture.extract(model, "blocks.1", list(x.split(2)), **kw)
+    assert sum(ran) == 6, "rows 0-7 are stored: only the 6 rows after them run again"
+    reference = fxcapture.extract(model, "blocks.1", x, out=tmp_path / "ref", reduce="mean", batch_size=2)
+    np.testing.assert_array_equal(feats["blocks.1"], reference["blocks.1"])
+
+
+def test_a_finished_output_is_returned_without_running(tmp_path):
+    model, x = tiny_vit(), images(6)
+    fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="mean")
+    stamp = (tmp_path / "o" / "manifest.json").stat().st_mtime_ns
+    ran = []
+    model.patch_embed.register_forward_pre_hook(lambda m, a: ran.append(1) if isinstance(a[0], torch.Tensor) else None)
+    feats = fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="mean")
+    assert not ran and feats["blocks.1"].shape == (6, 96)
+    assert (tmp_path / "o" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+SCRIPT = '''
+import sys, time
+import torch
+from torch.utils.data import Dataset
+import fxcapture
+from fxcapture.models import TinyViT
+
+N = 64
+
+
+class SlowImages(Dataset):
+    fetched = 0
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        SlowImages.fetched += 1
+        return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))
+
+
+def run(out, delay=0.0):
+    torch.manual_seed(0)
+    model = TinyViT(image_size=32).eval()
+    return fxcapture.extract(model, ["blocks.1", "blocks.2"], SlowImages(delay), out=out, reduce="mean",
+                             batch_size=4, chunk_size=8, data_name="slow images")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(sys.argv[1], float(sys.argv[2]))
+'''
+
+
+def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "o"
+    child = subprocess.Popen([sys.executable, str(script), str(out), "0.03"], env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while len(complete_chunks(out)) < 3:
+            assert child.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no chunk appeared in time"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    chunks = complete_chunks(out)
+    stored = sum(c.stop - c.start for c in chunks)
+    assert 24 <= stored < 64 and not (out / "manifest.json").exists()
+    with pytest.raises(UnfinishedOutputError, match=f"{stored} of 64 rows"):
+        fxcapture.load(out)
+
+    job = runpy.run_path(str(script))
+    resumed = job["run"](out)
+    assert job["SlowImages"].fetched == 64 - stored, "only rows without a complete chunk are loaded again"
+    reference = job["run"](tmp_path / "ref")
+    for key in ("blocks.1", "blocks.2"):
+        assert resumed[key].shape == (64, 96)
+        np.testing.assert_array_equal(resumed[key], reference[key])
+    assert len(np.unique(resumed["blocks.1"], axis=0)) == 64  # no duplicated rows
+
+
+MEMORY = '''
+import resource, sys
+import torch
+import fxcapture
+from fxcapture.extract import SyntheticImages
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+n = int(sys.argv[2])
+fxcapture.extract(model, ["0"], SyntheticImages(n, (3, 32, 32)), out=sys.argv[1], reduce="flatten",
+                  batch_size=50, chunk_size=100, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+'''
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path):
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY)
+    row_bytes = 8 * 32 * 32 * 4
+    peaks = {}
+    for n in (300, 3000):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"o{n}"), str(n)],
+                              env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        peaks[n] = int(done.stdout.split()[-1])
+        assert np.load(tmp_path / f"o{n}" / "0.npy", mmap_mode="r").shape == (n, 8 * 32 * 32)
+    growth = peaks[3000] - peaks[300]
+    kept = 2700 * row_bytes  # what keeping the extra rows in memory would cost (~88 MiB)
+    assert growth < 0.25 * kept, f"peak RSS grew by {growth / 2**20:.1f} MiB for {kept / 2**20:.0f} MiB more features"
+
+
+# -- errors and options -------------------------------------------------------------------
+def test_existing_output_of_another_configuration(tmp_path):
+    model, x = tiny_vit(), images(4)
+    fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="mean")
+    with pytest.raises(FileExistsError, match=r"another configuration \(reduce: 'mean' there, 'cls' now\)"):
+        fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="cls")
+    torch.nn.init.zeros_(model.head.weight)
+    with pytest.raises(FileExistsError, match="model_fingerprint"):
+        fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="mean")
+    feats = fxcapture.extract(model, "blocks.1", x, out=tmp_path / "o", reduce="cls", overwrite=True)
+    assert feats["blocks.1"].shape == (4, 96)
+
+
+def test_unknown_name_and_bad_reducers_fail_before_writing(tmp_path):
+    model, x = tiny_vit(), images(4)
+    with pytest.raises(ValueError, match="'block.1' is not a capturable name.*'blocks.1'"):
+        fxcapture.extract(model, "block.1", x, out=tmp_path / "a")
+    with pytest.raises(ValueError, match="reduce has 'layer4', which selects none"):
+        fxcapture.extract(model, "blocks.1", x, out=tmp_path / "b", reduce={"layer4": "mean"})
+    with pytest.raises(ValueError, match="unknown reducer 'avg'"):
+        fxcapture.extract(model, "blocks.1", x, out=tmp_path / "c", reduce="avg")
+    assert not any((tmp_path / d).exists() for d in "abc")
+    with pytest.raises(ValueError, match=r"first dimension is not the batch"):
+        fxcapture.extract(model, "blocks.1", x, out=tmp_path / "d", reduce=lambda v: v.sum())
+    # a run that failed before its first chunk is simply started again
+    feats = fxcapture.extract(model, "blocks.1", x, out=tmp_path / "d", reduce="mean")
+    assert feats["blocks.1"].shape == (4, 96)
+
+
+def test_reducers_by_capture_selector():
+    keys = ["blocks.0.attn:attn", "blocks.1.attn:attn", "blocks.1", "output"]
+    catalogue = fxcapture.capture(tiny_vit(), "attn").catalogue
+    table = resolve_reducers({"attn": "flatten", "blocks.?": "mean"}, keys, catalogue)
+    assert table["blocks.0.attn:attn"].__name__ == "reduce_flatten"
+    assert table["blocks.1"].__name__ == "reduce_mean" and table["output"] is None
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    model, x = tiny_vit(), images(6)
+    fxcapture.extract(model, "blocks.1", x, out=tmp_path / "a", reduce="mean", batch_size=2)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    fxcapture.extract(model, "blocks.1", x, out=tmp_path / "b", reduce="mean", batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "6/6" in err and "samples/s" in err
+
+
+# -- command line -----------------------------------------------------------------------------
+def run_cli(*argv: str) -> int:
+    return cli.main(["extract", *argv, "--no-progress"])
+
+
+def test_cli_synthetic_data(tmp_path, capsys):
+    rc = run_cli("--model", "demo:vit", "--names", "blocks.3", "--reduce", "cls", "--data", "synthetic:6",
+                 "--out", str(tmp_path / "o"), "--batch-size", "4", "--output")
+    assert rc == 0
+    assert "wrote 6 rows" in capsys.readouterr().out
+    torch.manual_seed(0)  # the command line's random weights come from --seed 0
+    model = build_model("demo:vit")
+    data = SyntheticImages(6, (3, 64, 64))
+    x = torch.stack([data[i][0] for i in range(6)])
+    assert torch.equal(x[3], torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    seen = []
+    model.blocks[3].register_forward_hook(lambda m, a, o: seen.append(o[:, 0]))
+    with torch.no_grad():
+        out = torch.cat([model(b) for b in x.split(4)])
+    feats = fxcapture.load(tmp_path / "o")
+    np.testing.assert_allclose(feats["output"], out.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats["blocks.3"], torch.cat(seen).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_image_folder(tmp_path):
+    from PIL import Image
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for cls, sizes in (("cat", [(40, 50), (48, 48)]), ("dog", [(60, 36), (33, 45), (50, 41)])):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            paths.append(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    rc = run_cli("--model", "torchvision:resnet18", "--names", "layer4", "layer3", "--reduce", "layer3=max",
+                 "--reduce", "mean", "--data", str(tmp_path / "imgs"), "--image-size", "32",
+                 "--num-workers", "0", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert rc == 0
+    feats = fxcapture.load(tmp_path / "o")
+    # reference: the same preprocessing written out, the model's own forward with hooks
+    prep = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32), transforms.ToTensor(),
+                               transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # fmt: skip
+    x = torch.stack([prep(Image.open(p).convert("RGB")) for p in paths])  # classes, then files, sorted
+    torch.manual_seed(0)
+    model = build_model("torchvision:resnet18")
+    seen = {}
+    model.layer3.register_forward_hook(lambda m, a, o: seen.__setitem__("layer3", o))
+    model.layer4.register_forward_hook(lambda m, a, o: seen.__setitem__("layer4", o))
+    with torch.no_grad():
+        model(x)
+    assert list(feats) == ["layer4", "layer3"] and feats["layer4"].shape == (5, 512)
+    np.testing.assert_allclose(feats["layer4"], seen["layer4"].mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats["layer3"], seen["layer3"].amax((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["model"] == "torchvision:resnet18" and manifest["config"]["data_files"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet50"], "bad model spec 'resnet50'"),
+        (["--model", "torchvision:resnet5"], "unknown torchvision model 'resnet5'"),
+        (["--names", "layer5"], "'layer5' is not a capturable name"),
+        (["--data", "nowhere/"], "no such folder"),
+        (["--data", "synthetic:x"], "synthetic:N"),
+        (["--reduce", "avg"], "unknown reducer 'avg'"),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, argv, message):
+    args = {"--model": "torchvision:resnet18", "--names": "layer4", "--data": "synthetic:2",
+            "--out": str(tmp_path / "o"), "--image-size": "32"}  # fmt: skip
+    args.update(dict(zip(argv[::2], argv[1::2])))
+    assert run_cli(*[x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxcapture extract: error:") and message in err
+
+
+def test_cli_existing_output_of_another_configuration(tmp_path, capsys):
+    base = ["--model", "demo:vit", "--data", "synthetic:2", "--out", str(tmp_path / "o")]
+    assert run_cli(*base, "--names", "blocks.0", "--reduce", "mean") == 0
+    assert run_cli(*base, "--names", "blocks.1", "--reduce", "mean") == 2
+    err = capsys.readouterr().err
+    assert "another configuration (names: ['blocks.0'] there, ['blocks.1'] now)" in err and "--overwrite" in err
+    assert run_cli(*base, "--names", "blocks.1", "--reduce", "mean", "--overwrite") == 0
+    assert list(fxcapture.load(tmp_path / "o")) == ["blocks.1"]
