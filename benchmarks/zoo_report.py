@@ -43,8 +43,10 @@ def plan_for(row: dict) -> str:
     known = zc.KNOWN_ISSUES.get(f"{row['zoo']}:{row['name']}")
     if known:
         return known
-    if row["zoo"] == "transformers" and "" in row["fallback"]:
-        return zc.HF_ROOT_PLAN
+    why = row["fallback"].get("", "")
+    for cause, plan in zc.HF_ROOT_PLANS.items():
+        if cause in why:
+            return plan
     return "NO PLAN YET"
 
 

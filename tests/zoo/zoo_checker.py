@@ -117,15 +117,22 @@ CI_TIMM = ["vit_tiny_patch16_224", "convnext_atto"]
 # except "partly traced" entries, which pass their checks.
 KNOWN_ISSUES: dict[str, str] = {}
 
-# Why transformers models run eagerly as a whole (see hf_models.py).
-HF_ROOT_PLAN = (
-    "transformers wraps `forward` in decorators taking `*args, **kwargs` "
-    "(`can_return_tuple`, `check_model_inputs`): fx builds placeholders from the wrapper's "
-    "code, so the root fails before any submodule and the whole model runs at run time "
-    "(values still exact). Plan: trace the undecorated `forward` (`inspect.unwrap`) of the "
-    "root and let the wrapper run eagerly around the graph, or trace the decoder layers "
-    "(`*.layers.N`, `h.N`) as separate roots."
-)
+# Why transformers models run eagerly as a whole (see hf_models.py), by trace error.
+HF_ROOT_PLANS: dict[str, str] = {
+    "co_varnames": (
+        "the root `forward` is wrapped by transformers decorators taking `*args, **kwargs` "
+        "(`can_return_tuple`, `check_model_inputs`): fx builds placeholders from the wrapper's "
+        "code and fails before entering any submodule, so the whole model runs at run time "
+        "(values still exact). Next: trace the undecorated `forward` (`inspect.unwrap`) with "
+        "the wrapper run eagerly around the graph, or trace the decoder layers as roots."
+    ),
+    "item assignment": (
+        "the root `forward` writes into a traced tensor outside every submodule (mask "
+        "building), so there is no submodule to turn into a leaf and the whole model runs at "
+        "run time (values still exact). Next: autowrap transformers' mask helpers "
+        "(`autowrap_functions`) or trace `encoder` as the root."
+    ),
+}
 
 
 def zoo_params(names: list[str], zoo: str) -> list[Any]:
