@@ -164,11 +164,11 @@ def trace_with_fallback(
             failed = getattr(err, "fxcapture_failed_module", None)
             where = f"module {failed!r} ({type(model.get_submodule(failed)).__name__})" if failed else "the model's own forward"
             if spec.fallback == "never":
+                leaf_hint = f"leaf_modules=[{failed!r}] to run it as one op, " if failed else ""
                 raise TraceFailure(
                     f"torch.fx could not trace {where}: {_first_line(err)}. Pass "
-                    f"leaf_modules=[{failed!r}] to run it as one op, concrete_args= to fix "
-                    "arguments that steer Python control flow, or fallback='auto' to "
-                    "capture the untraceable part at run time."
+                    f"{leaf_hint}concrete_args= to fix arguments that steer Python control "
+                    "flow, or fallback='auto' to capture the untraceable part at run time."
                 ) from err
             if not failed or failed in untraced:
                 return None, None, {"": _first_line(err)}
