@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx
 import torch.nn as nn
@@ -13,6 +14,7 @@ from conftest import (
     hook_values,
     hooked,
     module_state,
+    timm_vit_small,
 )
 from fxcapture import capture
 
@@ -358,3 +360,58 @@ def test_node_capture_against_manual_forward():
     _, feats = ex(x)
     assert torch.equal(feats["%mul"], x * 3)
     assert torch.equal(feats["%sum_1"], (x * 3).sum(-1))
+
+
+# -- model zoo: captures == forward hooks, output bit-identical ---------------------------
+
+ZOO = {
+    "resnet50": (64, ["layer1", "layer2.0.bn3", "layer2.0", "layer3.5", "layer4", "fc"]),
+    "vgg11": (32, ["features.0", "features.1", "features", "classifier.0", "classifier.1"]),
+    "mobilenet_v3_small": (64, ["features.1", "features.2.block", "features.12", "classifier.0"]),
+    "efficientnet_b0": (64, ["features.1.0.block", "features.2.1", "features.8", "avgpool"]),
+    "convnext_tiny": (32, ["features.0", "features.1.0.block", "features.3", "classifier"]),
+    "vit_b_16": (32, [
+        "conv_proj", "encoder.layers.encoder_layer_0.self_attention",
+        "encoder.layers.encoder_layer_11", "encoder.ln", "heads",
+    ]),
+    "swin_t": (64, ["features.0", "features.1.0.attn", "features.1.0", "features.5", "norm"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_torchvision_zoo_matches_hooks(name):
+    import torchvision
+
+    size, paths = ZOO[name]
+    kwargs = {"image_size": size} if name.startswith("vit") else {}
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    x = torch.randn(1 if name.startswith("vit") else 2, 3, size, size)
+    ex = capture(model, paths)
+    with torch.no_grad():  # as the hooks run: nn.MultiheadAttention's fast path needs it
+        out, feats = ex(x)
+    ref, seen = hook_values(model, paths, x)
+    assert torch.equal(out, ref)
+    assert list(feats) == ex.names
+    assert_matches_hooks(feats, seen)
+    if name == "vit_b_16":  # nn.MultiheadAttention returns a tuple: captured whole
+        attn = feats["encoder.layers.encoder_layer_0.self_attention"]
+        assert isinstance(attn, tuple) and len(attn) == 2
+
+
+def test_timm_vit_small_attention_maps_equal_attn_drop_hooks():
+    model = timm_vit_small()
+    x = torch.randn(2, 3, 224, 224)
+    ex = capture(model, ["attn"])
+    assert ex.names == [f"blocks.{i}.attn:attn" for i in range(12)]
+    drops = [f"blocks.{i}.attn.attn_drop" for i in range(12)]
+    with hooked(model, drops) as seen, torch.no_grad():
+        ref = model(x)
+    out, feats = ex(x)
+    assert torch.equal(out, ref)
+    maps = list(feats.values())
+    assert len(maps) == 12
+    for i, m in enumerate(maps):
+        assert m.shape == (2, 6, 197, 197)
+        assert torch.equal(m, seen[drops[i]][0])
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 6, 197))
