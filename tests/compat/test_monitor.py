@@ -333,3 +333,32 @@ def test_torch_compile_fullgraph_one_graph_and_same_records():
     ref.remove()
     # epochs and batch indices changed 6 times: no recompilation
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_torch_compile_training_step_matches_plain_training():
+    torch._dynamo.reset()
+    data = batches(2)
+
+    def train(net, model, on_batch=lambda i: None):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i, (x, y) in enumerate(data):
+            on_batch(i)
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    plain = tiny_vit()  # the reference: the model itself, a hook on blocks.0.attn.qkv
+    ref = Recorder(plain, ["blocks.0.attn.qkv"])
+    train(plain, plain)
+    expected_attn = attention_from_qkv(ref.calls["blocks.0.attn.qkv"][1], 2)
+
+    model = tiny_vit()
+    monitor = Monitor(model, {"blocks.0.attn:attn": {"alias": "a"}}, [0], batch_indices=[1])
+    compiled = torch.compile(monitor.model, backend="aot_eager", fullgraph=True)
+    monitor.set_epoch(0)
+    train(compiled, model, monitor.set_batch_idx)
+    torch.testing.assert_close(monitor.get_single_data()["a"]["data"][(0, 1)], expected_attn,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(model.head.weight, plain.head.weight, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(plain.head.weight, tiny_vit().head.weight)  # it trained
