@@ -76,8 +76,21 @@ def write_figures(feats: dict, images: torch.Tensor, out_dir: Path) -> list[Path
     return paths
 
 
-def run_demo(out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0) -> dict:
-    """Run the demo; returns what it printed as data (names, shapes, timings, figures)."""
+def run_demo(out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0, threads: int = 1) -> dict:
+    """Run the demo; returns what it printed as data (names, shapes, timings, figures).
+
+    The model is tiny: one thread (the default) gives steady timings, while several
+    threads on a busy machine spend most of their time waiting for each other.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, batch, rounds, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int) -> dict:
     from .api import capture
     from .models import TinyViT
 
@@ -100,7 +113,8 @@ def run_demo(out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0) -> 
         print(f"  {key.ljust(width)}  {_shape(value)}")
     ratio = timings["fxcapture"] / timings["plain"]
     print(f"\nforward, median of {rounds} interleaved runs: plain {timings['plain'] * 1e3:.2f} ms, "
-          f"fxcapture {timings['fxcapture'] * 1e3:.2f} ms ({ratio:.2f}x)")  # fmt: skip
+          f"fxcapture {timings['fxcapture'] * 1e3:.2f} ms ({ratio:.2f}x), "
+          f"{torch.get_num_threads()} thread(s)")  # fmt: skip
     try:
         figures = write_figures(feats, images, out_dir)
     except ImportError:
@@ -119,10 +133,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--batch", type=int, default=4, help="synthetic batch size (default 4)")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (default 15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while the demo runs (default 1)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.rounds < 1:
-        raise ValueError("--batch and --rounds must be at least 1")
-    run_demo(Path(args.out), batch=args.batch, rounds=args.rounds, seed=args.seed)
+    if min(args.batch, args.rounds, args.threads) < 1:
+        raise ValueError("--batch, --rounds and --threads must be at least 1")
+    run_demo(Path(args.out), batch=args.batch, rounds=args.rounds, seed=args.seed, threads=args.threads)
     return 0

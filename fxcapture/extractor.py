@@ -380,6 +380,12 @@ class Extractor(torch.nn.Module):
         """``{module path: why fx failed}`` for the modules that run eagerly."""
         return dict(self._program.untraced)
 
+    def graph_nx(self, *example_inputs: Any) -> Any:
+        """The current graph as a ``networkx.DiGraph`` (see :func:`fxcapture.graph.to_networkx`)."""
+        from .graph import to_networkx
+
+        return to_networkx(self, example_inputs or None)
+
     def explain(self) -> str:
         """How each key is captured (graph / leaf hook / run-time local) and what fell back.
 

@@ -1,0 +1,92 @@
+"""fxcapture.viz: figures are written, have the size asked for and are not blank; rollout math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+from matplotlib.image import imread  # noqa: E402
+
+from fxcapture import capture, viz  # noqa: E402
+from fxcapture.models import TinyViT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vit_maps():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, feats = capture(model, ["attn", "patch_embed"])(images)
+    return feats, images
+
+
+def _check_png(fig, path):
+    assert path.exists()
+    pixels = imread(path)
+    width, height = fig.get_size_inches() * fig.dpi
+    assert pixels.shape[:2] == (round(height), round(width)), "PNG size != figure size"
+    assert pixels[..., :3].std() > 0.05, "the picture is (nearly) blank"
+    return pixels
+
+
+def test_attention_grid_layers_by_heads(vit_maps, tmp_path):
+    feats, _ = vit_maps
+    attn = {k: v for k, v in feats.items() if k.endswith(":attn")}
+    fig = viz.attention_grid(attn, save=tmp_path / "grid.png")
+    _check_png(fig, tmp_path / "grid.png")
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 4 * 3  # 4 layers x 3 heads
+    assert image_axes[0].get_title() == "head 0" and "blocks.0.attn" in image_axes[0].get_ylabel()
+    assert any(ax.get_ylabel() == "attention probability" for ax in fig.axes)  # the colorbar
+    one_layer = viz.attention_grid(attn["blocks.0.attn:attn"], save=tmp_path / "one.svg")
+    assert len([ax for ax in one_layer.axes if ax.images]) == 3
+    assert (tmp_path / "one.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_attention_overlay_shows_the_cls_row(vit_maps, tmp_path):
+    feats, images = vit_maps
+    attn = feats["blocks.3.attn:attn"]
+    fig = viz.attention_overlay(attn, images, sample=1, save=tmp_path / "overlay.png")
+    _check_png(fig, tmp_path / "overlay.png")
+    grid_panel = fig.axes[1].images[0].get_array()
+    expected = attn[1].mean(0)[0, 1:].reshape(8, 8)  # CLS row, patch tokens, 8x8 grid
+    torch.testing.assert_close(torch.as_tensor(grid_panel.data), expected)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        viz.attention_overlay(attn[..., :-2], images)  # 63 keys: no square grid
+
+
+def test_attention_rollout_matches_manual_product():
+    torch.manual_seed(0)
+    a1, a2 = (torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(2))
+    eye = torch.eye(5)
+
+    def step(a):
+        m = 0.5 * a.mean(1) + 0.5 * eye
+        return m / m.sum(-1, keepdim=True)
+
+    expected = step(a2) @ step(a1)
+    rollout = viz.attention_rollout([a1, a2])
+    torch.testing.assert_close(rollout, expected)
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="head_fusion"):
+        viz.attention_rollout([a1], head_fusion="median")
+
+
+def test_feature_grid_picks_most_active_channels(vit_maps, tmp_path):
+    feats, _ = vit_maps
+    fmap = feats["patch_embed"]
+    fig = viz.feature_grid(fmap, channels=6, save=tmp_path / "features.png")
+    _check_png(fig, tmp_path / "features.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    top = fmap[0].abs().mean((1, 2)).argsort(descending=True)[:6].tolist()
+    assert titles == [f"ch {c}" for c in top]
+
+
+def test_bad_save_suffix_and_shapes(vit_maps, tmp_path):
+    feats, _ = vit_maps
+    with pytest.raises(ValueError, match=".png"):
+        viz.feature_grid(feats["patch_embed"], save=tmp_path / "x.jpeg")
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        viz.feature_grid(torch.randn(4, 4))
