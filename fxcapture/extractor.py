@@ -192,7 +192,7 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     pairs = selector_pairs(spec.names)
     edits = dict(spec.edit or {})
     if result is None:  # nothing traced: everything is captured at run time
-        runtime = RuntimeCapture(model, untraced, pairs, edits)
+        runtime = RuntimeCapture(model, untraced, pairs, edits, attention=spec.attention)
         return Program(None, _call_model, "", {}, None, runtime=runtime, untraced=untraced)
 
     graph_pairs, runtime_pairs = SelectorPairs(), []
@@ -232,7 +232,8 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     if runtime_pairs or runtime_edits:
         in_graph = [sel for _, sel in graph_pairs]
         runtime = RuntimeCapture(
-            model, untraced, runtime_pairs, runtime_edits, set(features), optional=in_graph
+            model, untraced, runtime_pairs, runtime_edits, set(features), optional=in_graph,
+            attention=spec.attention,
         )
     return Program(
         graph=graph,

@@ -99,6 +99,9 @@ class RuntimeCapture:
         known: keys the graph already captures (the run-time side skips them).
         optional: selectors that already matched in the graph (no error if they
             match nothing at run time).
+        attention: ``"weights"``: fused attention in the regions is computed
+            explicitly and its probabilities are the local ``attn_probs`` of the
+            calling module (as in the graph, :mod:`fxcapture.attention`).
     """
 
     def __init__(
@@ -109,12 +112,14 @@ class RuntimeCapture:
         edits: dict[Any, Callable[[Any, str], Any]] | None = None,
         known: set[str] = frozenset(),
         optional: list[Selector] = (),
+        attention: str | None = None,
     ) -> None:
         self.regions = regions
         self.selectors = selectors
         self.edits = dict(edits or {})
         self.known = set(known)
         self.optional = list(optional)
+        self.attention = attention
         self.paths: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         for path, module in root.named_modules():
@@ -157,7 +162,8 @@ class RuntimeCapture:
         _ACTIVE.session = session
         try:
             handles = self._install(session, discovering)
-            yield session
+            with self._attention_mode(session):
+                yield session
         finally:
             for h in handles:
                 h.remove()
@@ -183,6 +189,20 @@ class RuntimeCapture:
             hook = self._module_hook(path)
             handles.append(self.modules[path].register_forward_hook(hook))
         return handles
+
+    def _attention_mode(self, session: _Session):
+        from contextlib import nullcontext
+
+        if self.attention is None:
+            return nullcontext()
+        from .attention import ExplicitAttentionMode
+
+        def on_probs(probs: torch.Tensor) -> None:
+            if session.depth:  # inside an untraced region
+                owner = self._owner(sys._getframe(1))
+                self._record(session, f"{owner}:attn_probs", LOCAL, "scaled_dot_product_attention", probs, None)
+
+        return ExplicitAttentionMode(on_probs)
 
     def _edited_paths(self) -> list[str]:
         return [p for p in self.modules if self._edits_for(p)]
