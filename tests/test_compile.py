@@ -2,6 +2,7 @@
 
 resnet18 compiles with backend="aot_eager"; the ViTs with a recording backend that runs
 dynamo's graph eagerly (one dynamo pass: fast). torch._dynamo.explain checks graph breaks.
+"""
 
 from __future__ import annotations
 
