@@ -19,7 +19,8 @@ Example::
     ...         monitor.set_batch_idx(i)
     ...         loss = F.cross_entropy(net(x), y); ...
     ...     monitor.save_single_outputs()
-    >>> Monitor.load("runs/attn")["attention"]["data"][(2, 0)]  # {"blocks.0.attn:attn": tensor, ...}
+    >>> Monitor.load("runs/attn")["attention"]["data"][(2, 0)]
+    {'blocks.0.attn:attn': tensor(...), 'blocks.1.attn:attn': tensor(...), ...}
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ class Monitor:
 
     # -- recording -----------------------------------------------------------------
     def _wants(self, spec: LayerSpec, batch_idx: int | None) -> bool:
+        """Whether ``spec`` records the batch ``batch_idx`` of a recorded epoch."""
         if spec.record_type == "epoch_full" or self.batch_indices is None:
             return True  # epoch_full: every batch; single: the last batch (overwritten)
         return batch_idx in self.batch_indices
@@ -406,7 +408,8 @@ class Monitor:
                 "output_shape": output_shape(value), "output": value}  # fmt: skip
 
     def save_single_outputs(self, layers: Iterable[str] | None = None) -> list[Path]:
-        """One file per alias and (epoch, batch): ``<output_dir>/<alias>/single_epoch{e}_batch{b}.pt``."""
+        """One file per alias and (epoch, batch):
+        ``<output_dir>/<alias>/single_epoch{e}_batch{b}.pt``; returns the paths."""
         written = []
         for alias, entry in self.get_single_data(layers).items():
             for (epoch, batch_idx), value in entry["data"].items():
@@ -484,8 +487,8 @@ class Monitor:
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{s.alias}={s.layer!r} ({s.record_type})" for s in self.layers)
-        return (f"Monitor({layers}; epochs={sorted(self.epochs_to_record)}, "
-                f"batches={None if self.batch_indices is None else sorted(self.batch_indices)})")  # fmt: skip
+        batches = None if self.batch_indices is None else sorted(self.batch_indices)
+        return f"Monitor({layers}; epochs={sorted(self.epochs_to_record)}, batches={batches})"
 
 
 def _file_order(path: Path) -> tuple:
@@ -502,7 +505,8 @@ class MonitoredTrainer:
     Example::
 
         >>> trainer = MonitoredTrainer(monitor)
-        >>> trainer.wrap_training_function(train)(config, device)   # train(..., epoch_callback=, batch_callback=)
+        >>> # train(config, device, epoch_callback=None, batch_callback=None)
+        >>> trainer.wrap_training_function(train)(config, device)
     """
 
     def __init__(self, monitor: Monitor) -> None:

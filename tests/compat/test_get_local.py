@@ -7,7 +7,6 @@ forward hooks on the real modules.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import math
 import sys
@@ -256,7 +255,7 @@ def test_exception_records_nothing_and_restores_profile():
     @get_local("a")
     def boom(x):
         a = x + 1
-        raise RuntimeError("boom")
+        raise RuntimeError(f"boom {a.shape}")
 
     get_local.activate()
     with pytest.raises(RuntimeError, match="boom"):

@@ -304,6 +304,7 @@ def test_train_eval_modes_follow_the_monitored_model():
 
 def test_torch_compile_fullgraph_one_graph_and_same_records():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny_vit().eval()
     monitor = Monitor(model, ["attn", "blocks.0.mlp"], epochs_to_record=[0, 1], batch_indices=[0, 2])
     compiled = torch.compile(monitor.model, backend="aot_eager", fullgraph=True)
