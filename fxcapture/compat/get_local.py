@@ -31,6 +31,7 @@ import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
+from torch.fx import _symbolic_trace
 
 F = TypeVar("F", bound=Callable[..., Any])
 Collate = Callable[[Any], Any]
@@ -57,11 +58,8 @@ def default_collate(value: Any) -> Any:
 
 def _tracing_or_compiling() -> bool:
     """True inside ``torch.fx`` symbolic tracing or ``torch.compile``/export tracing."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch.fx import _symbolic_trace
-
-    return _symbolic_trace._get_is_fx_tracing()
+    # _get_is_fx_tracing: is_fx_tracing() without its log warning
+    return torch.compiler.is_compiling() or _symbolic_trace._get_is_fx_tracing()
 
 
 _UNBOUND = object()
