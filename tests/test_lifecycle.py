@@ -246,3 +246,20 @@ def test_extractor_keeps_no_reference_to_features(resnet18, image, grad):
     with torch.no_grad():
         ex(image)
     assert len(ex.__dict__) == size
+
+
+def test_grad_cam_example(resnet18, image):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "grad_cam.py"
+    spec = importlib.util.spec_from_file_location("grad_cam_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cam = example.grad_cam(resnet18, "layer4", image, cls=5)
+    _, _, raw = hook_grad_cam(resnet18, resnet18.layer4, image, 5)  # this file's reference
+    resnet18.zero_grad(set_to_none=True)
+    assert cam.shape == (2, 64, 64)
+    expected = torch.nn.functional.interpolate(raw[:, None], size=(64, 64), mode="bilinear")[:, 0]
+    expected = expected / expected.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    torch.testing.assert_close(cam, expected)
