@@ -262,7 +262,9 @@ class _DatasetSource:
                 yield Batch(row, n, args, kwargs)
                 row += n
             if row != hi:
-                raise ValueError(f"rows {lo}-{hi} of the dataset gave {row - lo} rows: the collate function changes row counts")
+                raise ValueError(
+                    f"rows {lo}-{hi} of the dataset gave {row - lo} rows: the collate function changes row counts"
+                )
 
 
 class _IterableSource:
@@ -348,7 +350,8 @@ class _ToHost:
         host = {}
         for key, value in values.items():
             buf = slot.get(key)
-            if buf is None or buf.shape[0] < value.shape[0] or buf.shape[1:] != value.shape[1:] or buf.dtype != value.dtype:
+            fits = buf is not None and buf.shape[0] >= value.shape[0] and buf.shape[1:] == value.shape[1:]
+            if not fits or buf.dtype != value.dtype:
                 buf = slot[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             host[key] = buf[: value.shape[0]]
             host[key].copy_(value, non_blocking=True)
@@ -468,10 +471,13 @@ class _Run:
                     out, feats = self.extractor(*args, **kwargs)
                     if self.output:
                         if OUTPUT_KEY in feats:
-                            raise ValueError(f"a captured key is called {OUTPUT_KEY!r}: give it an alias to store the output too")
+                            raise ValueError(
+                                f"a captured key is called {OUTPUT_KEY!r}: give it an alias to store the output too"
+                            )
                         feats = {OUTPUT_KEY: out, **feats}
                     if reducers is None:
-                        reducers = resolve_reducers(self.reduce, list(feats), getattr(self.extractor, "catalogue", None))
+                        catalogue = getattr(self.extractor, "catalogue", None)
+                        reducers = resolve_reducers(self.reduce, list(feats), catalogue)
                     values = {k: _apply(k, reducers.get(k), v, batch.rows, self.dtype) for k, v in feats.items()}
                     self._check(values)
                     if writer is None:
@@ -642,7 +648,8 @@ def extract(
                 todo_rows = None
             desc = f"extract (rank 0 of {group.world_size})" if group.world_size > 1 else "extract"
             bar = _progress_bar(progress, todo_rows, desc) if group.primary else _NoBar()
-            run = _Run(extractor, out, device, reduce, bool(output), store_dtype, autocast, chunk_size, max_pending, bar)
+            run = _Run(extractor, out, device, reduce, bool(output), store_dtype, autocast, chunk_size,
+                       max_pending, bar)  # fmt: skip
             started = time.perf_counter()
             try:
                 run(batches)

@@ -238,35 +238,77 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 MEMORY = '''
-import resource, sys
+import os, sys, tempfile, threading, time
 import torch
 import fxcapture
 from fxcapture.extract import SyntheticImages
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_above_start(fn):
+    """Peak resident memory while fn runs, above what was resident when it started."""
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], rss()) - start
+
+
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
-n = int(sys.argv[2])
-fxcapture.extract(model, ["0"], SyntheticImages(n, (3, 32, 32)), out=sys.argv[1], reduce="flatten",
-                  batch_size=50, chunk_size=100, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+kept = []
+
+
+def keep_all(n):  # the control: the usual loop, every row kept in memory
+    loader = torch.utils.data.DataLoader(SyntheticImages(n, (3, 32, 32)), batch_size=50)
+    with torch.no_grad():
+        for x, _ in loader:
+            kept.append(model[0](x).flatten(1).numpy())
+
+
+def stream(n):
+    fxcapture.extract(model, ["0"], SyntheticImages(n, (3, 32, 32)), out=tempfile.mkdtemp(),
+                      reduce="flatten", batch_size=50, chunk_size=100, progress=False)
+
+
+run = {"extract": stream, "keep": keep_all}[sys.argv[1]]
+print(*[peak_above_start(lambda: run(n)) for n in (300, 3000)])
 '''
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path):
+    """Peak RSS during a run of 300 and of 3000 samples (24 MiB more features if kept).
+    The control, a loop keeping every row, shows that the measurement sees such growth."""
     script = tmp_path / "mem.py"
     script.write_text(MEMORY)
-    row_bytes = 8 * 32 * 32 * 4
+    extra = 2700 * 8 * 32 * 32 * 4  # bytes of the 2700 extra rows
     peaks = {}
-    for n in (300, 3000):
-        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"o{n}"), str(n)],
-                              env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    for mode in ("extract", "keep"):
+        done = subprocess.run([sys.executable, str(script), mode], env=ENV, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        peaks[n] = int(done.stdout.split()[-1])
-        assert np.load(tmp_path / f"o{n}" / "0.npy", mmap_mode="r").shape == (n, 8 * 32 * 32)
-    growth = peaks[3000] - peaks[300]
-    kept = 2700 * row_bytes  # what keeping the extra rows in memory would cost (~88 MiB)
-    assert growth < 0.25 * kept, f"peak RSS grew by {growth / 2**20:.1f} MiB for {kept / 2**20:.0f} MiB more features"
+        peaks[mode] = tuple(map(int, done.stdout.split()[-2:]))
+    mib = {k: [f"{v / 2**20:.1f} MiB" for v in p] for k, p in peaks.items()}
+    assert peaks["keep"][1] - peaks["keep"][0] > 0.5 * extra, f"the control should grow with the rows it keeps: {mib}"
+    assert peaks["extract"][1] - peaks["extract"][0] < 0.15 * extra, f"extract's peak grows with the samples: {mib}"
+    assert peaks["extract"][1] < 0.25 * extra, f"extract holds a large part of the rows: {mib}"
 
 
 # -- errors and options -------------------------------------------------------------------
@@ -401,3 +443,21 @@ def test_cli_existing_output_of_another_configuration(tmp_path, capsys):
     assert "another configuration (names: ['blocks.0'] there, ['blocks.1'] now)" in err and "--overwrite" in err
     assert run_cli(*base, "--names", "blocks.1", "--reduce", "mean", "--overwrite") == 0
     assert list(fxcapture.load(tmp_path / "o")) == ["blocks.1"]
+
+
+# -- the benchmark script ---------------------------------------------------------------------
+def test_benchmark_script_runs_at_tiny_sizes(capsys):
+    from benchmarks import extract as bench
+
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--arch", "resnet18", "--samples", "4", "--rounds", "1", "--device", "cpu",
+                    "--threads", "1", "--no-memory"])  # fmt: skip
+        bench.main(["--rss-child", "extract", "4", "--arch", "resnet18", "--rss-image-size", "32"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows[:3] == ["bare", "hooks", "extract"]
+    assert "| yes " in out and "| NO " not in out and "extract x bare" in out
+    assert int(out.split()[-1]) >= 0  # the child's peak resident bytes during its loop

@@ -116,16 +116,24 @@ def test_load_tells_unfinished_from_missing(tmp_path):
 def test_prepare_output_checks_the_configuration(tmp_path):
     out = tmp_path / "out"
     assert prepare_output(out, CONFIG, resume=True, overwrite=False) == "run"
+    storage.write_chunk(out, 0, {"b": np.arange(4)}, {"b": "b.npy"})
     assert prepare_output(out, CONFIG, resume=True, overwrite=False) == "run"  # resume
+    assert len(complete_chunks(out)) == 1
     with pytest.raises(FileExistsError, match="unfinished run of the same configuration"):
         prepare_output(out, CONFIG, resume=False, overwrite=False)
     other = dict(CONFIG, names=["b"])
     with pytest.raises(FileExistsError, match=r"another configuration \(names: \['a'\] there, \['b'\] now\).*overwrite"):
         prepare_output(out, other, resume=True, overwrite=False)
-    (out / "chunks" / "000000000000-000000000004").mkdir()
     assert prepare_output(out, other, resume=True, overwrite=True) == "run"
     assert complete_chunks(out) == []
     assert json.loads((out / "run.json").read_text())["config"] == other
+
+
+def test_a_run_stopped_before_its_first_chunk_is_started_again(tmp_path):
+    prepare_output(tmp_path, CONFIG, resume=True, overwrite=False)
+    other = dict(CONFIG, names=["b"])
+    assert prepare_output(tmp_path, other, resume=False, overwrite=False) == "run"
+    assert json.loads((tmp_path / "run.json").read_text())["config"] == other
 
 
 def test_a_finished_output_is_not_redone_and_a_foreign_folder_is_refused(tmp_path):

@@ -1,0 +1,263 @@
+"""Throughput and memory of ``fxcapture.extract`` over a dataset.
+
+Three loops over the same ``DataLoader`` (synthetic images, resnet50, random weights),
+measured side by side in one run (interleaved rounds, see ``common.py``):
+
+- ``bare``: ``model(x)`` for every batch, nothing kept, nothing written;
+- ``hooks``: the usual loop, a forward hook keeping ``layer4`` reduced on the device
+  and ``.cpu().numpy()`` per batch into a list, concatenated at the end;
+- ``extract``: ``fxcapture.extract(..., reduce="mean")`` into a fresh directory
+  (chunks, the final ``.npy`` and the manifest included in the time).
+
+Target (issue 6): extract >= 0.95 x the bare loop's samples/s. Then peak RSS of
+separate processes storing layer4 *whole* (no reduction) for two dataset sizes: the
+hook loop keeps every row in memory, extract streams them to disk.
+
+Usage::
+
+    python benchmarks/extract.py                       # CPU (+ CUDA when present), ~3 minutes
+    python benchmarks/extract.py --quick               # tiny sizes: checks the script works
+    python benchmarks/extract.py --samples 256 --rss-sizes 128 1280 --save
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `fxcapture` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    Table,
+    add_common_arguments,
+    devices,
+    finish_arguments,
+    fmt_ratio,
+    header_line,
+    progress,
+    ratio,
+    report,
+    synchronize,
+    time_interleaved,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 0.95  # extract / bare samples per second
+NAME = "layer4"
+
+
+def build_model(arch: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(arch, weights=None).eval()
+
+
+def make_loader(samples: int, image_size: int, batch_size: int, device: torch.device, workers: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    from fxcapture.extract import SyntheticImages
+
+    dataset = SyntheticImages(samples, (3, image_size, image_size))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+# -- the three loops ---------------------------------------------------------------------
+def bare_loop(model: torch.nn.Module, loader: Any, device: torch.device) -> None:
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x.to(device, non_blocking=True))
+    synchronize(device)
+
+
+def hook_loop(model: torch.nn.Module, loader: Any, device: torch.device, reduce: bool = True) -> np.ndarray:
+    """The usual way: a forward hook and ``.cpu().numpy()`` per batch, all rows in a list."""
+    rows: list[np.ndarray] = []
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        value = output.mean((2, 3)) if reduce else output
+        rows.append(value.cpu().numpy())
+
+    handle = model.get_submodule(NAME).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            for x, _ in loader:
+                model(x.to(device, non_blocking=True))
+    finally:
+        handle.remove()
+    return np.concatenate(rows)
+
+
+def extract_loop(model: torch.nn.Module, loader: Any, device: torch.device, reduce: str | None = "mean") -> dict:
+    from fxcapture import extract
+
+    out = Path(tempfile.mkdtemp(prefix="fxcapture-bench-"))
+    try:
+        feats = extract(model, NAME, loader, out=out, reduce=reduce, device=device, progress=False, overwrite=True)
+        return {k: np.array(v) for k, v in feats.items()}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# -- throughput --------------------------------------------------------------------------
+def measure_throughput(device: torch.device, args: argparse.Namespace) -> Table:
+    headers = ["method", "samples/s (median)", "samples/s (best)", "x bare", "x hooks", "same values"]
+    table = Table(
+        f"{args.arch}, {args.samples} synthetic images {args.image_size}px, batch {args.batch_size}, "
+        f"{NAME} mean ({device.type})",
+        headers,
+    )
+    model = build_model(args.arch).to(device)
+    loader = make_loader(args.samples, args.image_size, args.batch_size, device, args.workers)
+    progress(f"{device}: checking values")
+    same = np.allclose(extract_loop(model, loader, device)[NAME], hook_loop(model, loader, device), rtol=1e-4, atol=1e-5)
+    contenders: dict[str, Callable[[], Any]] = {
+        "bare": lambda: bare_loop(model, loader, device),
+        "hooks": lambda: hook_loop(model, loader, device),
+        "extract": lambda: extract_loop(model, loader, device),
+    }
+    progress(f"{device}: timing {args.rounds} interleaved rounds of {args.samples} samples")
+    timings = time_interleaved(contenders, args.rounds, warmup=1, device=device)
+    for method, t in timings.items():
+        table.add(
+            method, f"{args.samples / t.median:.1f}", f"{args.samples / t.best:.1f}",
+            # samples/s ratios: the inverse of the time ratios, per round
+            fmt_ratio(1 / ratio(timings, method, "bare")), fmt_ratio(1 / ratio(timings, method, "hooks")),
+            "yes" if method == "bare" or same else "NO",
+        )  # fmt: skip
+    x_bare = 1 / ratio(timings, "extract", "bare")
+    table.notes.append(
+        f"extract x bare {x_bare:.3f} samples/s (target >= {TARGET}: {'met' if x_bare >= TARGET else 'not met'}); "
+        "extract prunes the graph after layer4 (avgpool and fc are not run), the other loops run the whole model"
+    )
+    table.notes.append(f"ratios: median over {args.rounds} rounds of per-round ratios; 'same values': extract vs hooks")
+    return table
+
+
+# -- peak memory (separate processes) ----------------------------------------------------
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux ``/proc``; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_above_start(fn: Callable[[], Any]) -> int:
+    """Peak resident bytes while ``fn`` runs (sampled every millisecond) above those at its start."""
+    start, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], resident_bytes()) - start
+
+
+def rss_child(method: str, samples: int, args: argparse.Namespace) -> None:
+    """Run one loop storing layer4 whole; print the loop's peak RSS above its start, in bytes."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.rss_device)
+    model = build_model(args.arch).to(device)
+    loader = make_loader(samples, args.rss_image_size, args.batch_size, device, args.workers)
+    loops = {
+        "bare": lambda: bare_loop(model, loader, device),
+        "hooks": lambda: hook_loop(model, loader, device, reduce=False),
+        "extract": lambda: extract_loop(model, loader, device, reduce=None),
+    }
+    print(peak_above_start(loops[method]))
+
+
+def peak_rss(method: str, samples: int, device: torch.device, args: argparse.Namespace) -> int:
+    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", method, str(samples),
+               "--arch", args.arch, "--rss-image-size", str(args.rss_image_size), "--batch-size",
+               str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers),
+               "--rss-device", str(device)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} with {samples} samples failed:\n{done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1])
+
+
+def measure_memory(device: torch.device, args: argparse.Namespace) -> Table:
+    small, large = args.rss_sizes
+    size = args.rss_image_size
+    side = -(-size // 32)  # layer4 is 1/32 of the input
+    row_mib = 2048 * side * side * 4 / 2**20
+    table = Table(
+        f"peak RSS during the loop, {NAME} stored whole (2048x{side}x{side} float32 = {row_mib * 1024:.0f} KiB a row), "
+        f"{size}px ({device.type})",
+        ["method", f"{small} samples MiB", f"{large} samples MiB", "growth MiB", "rows' size MiB"],
+    )
+    for method in ("bare", "hooks", "extract"):
+        progress(f"{device}: peak RSS of {method} for {small} and {large} samples")
+        peaks = [peak_rss(method, n, device, args) for n in (small, large)]
+        kept = "-" if method == "bare" else f"{(large - small) * row_mib:.0f}"
+        table.add(method, f"{peaks[0] / 2**20:.0f}", f"{peaks[1] / 2**20:.0f}",
+                  f"{(peaks[1] - peaks[0]) / 2**20:.0f}", kept)  # fmt: skip
+    table.notes.append(
+        "each cell is a separate process: its peak resident memory during the loop, sampled every "
+        "millisecond, above what was resident before the loop (model and imports left out); "
+        "the hook loop's peak includes np.concatenate's copy of its rows; 'rows' size' is what the extra "
+        f"{large - small} rows weigh: the hook loop holds them, extract streams them to disk"
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, batch_size=16, rounds=5)
+    parser.add_argument("--arch", default="resnet50", help="torchvision model (default resnet50)")
+    parser.add_argument("--samples", type=int, default=None, help="images per timed pass (default 48; 8 with --quick)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 (64 with --quick)")
+    parser.add_argument("--rss-sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                        help="dataset sizes of the peak RSS runs (default 48 480; 8 80 with --quick)")
+    parser.add_argument("--rss-image-size", type=int, default=None, help="default 128 (64 with --quick)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak RSS table")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--rss-child", nargs=2, metavar=("METHOD", "SAMPLES"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-device", default="cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        args.rss_image_size = args.rss_image_size or 128
+        args.batch_size = args.batch_size or 16
+        return rss_child(args.rss_child[0], int(args.rss_child[1]), args)
+    args = finish_arguments(args)
+    args.samples = args.samples or (8 if args.quick else 48)
+    args.image_size = args.image_size or (64 if args.quick else 224)
+    args.rss_sizes = args.rss_sizes or ([8, 80] if args.quick else [48, 480])
+    args.rss_image_size = args.rss_image_size or (64 if args.quick else 128)
+    sections: list[Any] = []
+    for device in devices(args.device):
+        sections.append(header_line(args, device))
+        sections.append(measure_throughput(device, args))
+        if not args.no_memory:
+            sections.append(measure_memory(device, args))
+    report("extract", sections, args.save)
+
+
+if __name__ == "__main__":
+    main()
