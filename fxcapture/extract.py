@@ -112,8 +112,11 @@ def _reducer(how: Reducer) -> Callable[[Any], Any] | None:
 def _selects(selector: str, key: str, catalogue: Any) -> bool:
     if key == OUTPUT_KEY:
         return selector == key  # the model output is reduced only when named
-    if selector in (key, key.partition("@")[0]) or fnmatch.fnmatchcase(key, selector):
+    base = key.partition("@")[0]
+    if selector in (key, base) or fnmatch.fnmatchcase(key, selector):
         return True
+    if ":" in base and not any(c in selector for c in ".:%*?["):
+        return base.rpartition(":")[2] == selector  # a bare local name, as in capture()
     if catalogue is None or key == OUTPUT_KEY:
         return False
     from .resolve import match
@@ -831,13 +834,12 @@ def run_cli(args: argparse.Namespace) -> int:
         workers = 0 if isinstance(dataset, SyntheticImages) else min(8, os.cpu_count() or 1)
     data_name = args.data if isinstance(dataset, SyntheticImages) else str(Path(args.data).resolve())
     started = time.perf_counter()
-    feats = extract(
-        model, list(args.names), dataset, out=args.out, reduce=parse_reduce(args.reduce), device=device,
-        autocast=args.autocast or None, dtype=args.dtype, batch_size=args.batch_size, num_workers=workers,
-        output=args.output, chunk_size=args.chunk_size, progress=False if args.no_progress else None,
-        resume=not args.no_resume, overwrite=args.overwrite,
-        model_name=args.model + (f" + {args.weights}" if args.weights else ""), data_name=data_name,
-    )  # fmt: skip
+    try:
+        feats = _cli_extract(args, model, dataset, device, workers, data_name)
+    except KeyboardInterrupt:
+        print(f"fxcapture extract: interrupted; {args.out} keeps its complete chunks: run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         seconds = time.perf_counter() - started
         rows = len(next(iter(feats.values())))
@@ -845,6 +847,17 @@ def run_cli(args: argparse.Namespace) -> int:
         for key, array in feats.items():
             print(f"  {key}: {array.shape} {array.dtype}")
     return 0
+
+
+def _cli_extract(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, device: str,
+                 workers: int, data_name: str) -> dict[str, np.ndarray]:  # fmt: skip
+    return extract(
+        model, list(args.names), dataset, out=args.out, reduce=parse_reduce(args.reduce), device=device,
+        autocast=args.autocast or None, dtype=args.dtype, batch_size=args.batch_size, num_workers=workers,
+        output=args.output, chunk_size=args.chunk_size, progress=False if args.no_progress else None,
+        resume=not args.no_resume, overwrite=args.overwrite,
+        model_name=args.model + (f" + {args.weights}" if args.weights else ""), data_name=data_name,
+    )  # fmt: skip
 
 
 __all__ = ["extract", "load", "resolve_reducers", "REDUCERS", "SyntheticImages", "model_fingerprint"]

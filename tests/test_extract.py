@@ -124,6 +124,25 @@ def test_cls_callable_and_dict_batches_with_inputs(tmp_path):
     np.testing.assert_array_equal(feats["tokens"], torch.cat(seen["blocks.0"])[:, 1:3].sum(1).numpy())
 
 
+def test_untraceable_model_through_the_fallback_equals_output_attentions(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=100,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 100, (6, 8), generator=torch.Generator().manual_seed(0))
+    feats = fxcapture.extract(model, ["attn_weights", "transformer.h.1"], [{"input_ids": b} for b in ids.split(4)],
+                              out=tmp_path / "o", reduce={"attn_weights": "flatten", "transformer.*": "mean"})  # fmt: skip
+    block = []
+    model.transformer.h[1].register_forward_hook(lambda m, a, o: block.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True)
+    np.testing.assert_allclose(feats["transformer.h.1"], block[0].mean(1).numpy(), rtol=1e-6, atol=1e-6)
+    for i in range(2):
+        np.testing.assert_allclose(feats[f"transformer.h.{i}.attn:attn_weights"], ref.attentions[i].flatten(1).numpy(),
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
 def test_training_flags_are_restored_and_the_model_is_not_rewired(tmp_path):
     model = tiny_vit().train()
     forward = type(model).forward
