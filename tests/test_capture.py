@@ -105,6 +105,8 @@ def test_module_returning_tuple_or_dict_is_captured_whole():
 def test_model_is_not_modified(resnet18, image):
     before = module_state(resnet18)
     root_attrs = set(vars(resnet18))
+    globals_before = (nn.Module.__call__, nn.Module.__getattr__, torch.Tensor.__setitem__)
+    helper_code = helper_gate.__code__
     ex = capture(resnet18, ["layer1.0:out", "layer4", "%flatten"])
     ex(image)
     ex.train()
@@ -114,6 +116,9 @@ def test_model_is_not_modified(resnet18, image):
     assert set(vars(resnet18)) == root_attrs
     assert not any(k.startswith("_fxcapture") for k in dir(resnet18))
     assert not resnet18.training
+    _, feats = capture(Shared(), ["gate"])(torch.randn(2, 4))  # a helper function's local
+    assert helper_gate.__code__ is helper_code
+    assert (nn.Module.__call__, nn.Module.__getattr__, torch.Tensor.__setitem__) == globals_before
 
 
 def test_weight_change_after_capture_shows_in_extractor(image):
