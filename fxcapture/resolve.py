@@ -129,7 +129,8 @@ def resolve(
     """Map each output key to the record it captures.
 
     Plain selectors give canonical keys; for ``{alias: selector}`` the key is the
-    alias, or ``alias@i`` when the selector matches several values.
+    alias, or ``alias@i`` when the selector matches several values. Keys come in
+    execution order, whatever the order of the selectors.
     """
     pairs = names if isinstance(names, SelectorPairs) else selector_pairs(names)
     resolved: dict[str, NameInfo] = {}
@@ -145,4 +146,5 @@ def resolve(
         else:
             for i, r in enumerate(found):
                 resolved[f"{alias}@{i}"] = r
-    return resolved
+    position = {r.key: i for i, r in enumerate(catalogue)}  # execution order
+    return dict(sorted(resolved.items(), key=lambda item: position[item[1].key]))

@@ -112,12 +112,6 @@ def test_list_names_kinds_owner_and_op(resnet18):
     assert ex.names == only.keys()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3: ex.names must be in execution order; resolve() keeps selector order "
-    "(fxcapture/resolve.py resolve(): sort by catalogue position; tests/test_extract.py "
-    "lines 77 and 411 assume selector order)",
-)
 def test_execution_order_of_names(resnet18):
     ex = capture(resnet18, ["layer4", "conv1", "layer2", "layer1.0.relu"])
     assert ex.names == ["conv1", "layer1.0.relu@0", "layer1.0.relu@1", "layer2", "layer4"]
