@@ -101,13 +101,16 @@ def hook_loop(model: torch.nn.Module, loader: Any, device: torch.device, reduce:
     return np.concatenate(rows)
 
 
-def extract_loop(model: torch.nn.Module, loader: Any, device: torch.device, reduce: str | None = "mean") -> dict:
+def extract_loop(
+    model: torch.nn.Module, loader: Any, device: torch.device, reduce: str | None = "mean", read: bool = False
+) -> np.ndarray | None:
+    """``fxcapture.extract`` into a fresh directory; ``read``: return the stored rows."""
     from fxcapture import extract
 
     out = Path(tempfile.mkdtemp(prefix="fxcapture-bench-"))
     try:
         feats = extract(model, NAME, loader, out=out, reduce=reduce, device=device, progress=False, overwrite=True)
-        return {k: np.array(v) for k, v in feats.items()}
+        return np.array(feats[NAME]) if read else None
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -123,7 +126,8 @@ def measure_throughput(device: torch.device, args: argparse.Namespace) -> Table:
     model = build_model(args.arch).to(device)
     loader = make_loader(args.samples, args.image_size, args.batch_size, device, args.workers)
     progress(f"{device}: checking values")
-    same = np.allclose(extract_loop(model, loader, device)[NAME], hook_loop(model, loader, device), rtol=1e-4, atol=1e-5)
+    stored = extract_loop(model, loader, device, read=True)
+    same = np.allclose(stored, hook_loop(model, loader, device), rtol=1e-4, atol=1e-5)
     contenders: dict[str, Callable[[], Any]] = {
         "bare": lambda: bare_loop(model, loader, device),
         "hooks": lambda: hook_loop(model, loader, device),
@@ -221,7 +225,8 @@ def measure_memory(device: torch.device, args: argparse.Namespace) -> Table:
     table.notes.append(
         "each cell is a separate process: its peak resident memory during the loop, sampled every "
         "millisecond, above what was resident before the loop (model and imports left out); "
-        "the hook loop's peak includes np.concatenate's copy of its rows; 'rows' size' is what the extra "
+        "the hook loop's peak includes np.concatenate's copy of its rows, extract's its chunk buffer (at most "
+        "16 MiB) and the batches queued for the writer; 'rows' size' is what the extra "
         f"{large - small} rows weigh: the hook loop holds them, extract streams them to disk"
     )
     return table
@@ -231,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, batch_size=16, rounds=5)
     parser.add_argument("--arch", default="resnet50", help="torchvision model (default resnet50)")
-    parser.add_argument("--samples", type=int, default=None, help="images per timed pass (default 48; 8 with --quick)")
+    parser.add_argument("--samples", type=int, default=None, help="images per timed pass (default 32; 8 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (64 with --quick)")
     parser.add_argument("--rss-sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
-                        help="dataset sizes of the peak RSS runs (default 48 480; 8 80 with --quick)")
+                        help="dataset sizes of the peak RSS runs (default 32 320; 8 80 with --quick)")
     parser.add_argument("--rss-image-size", type=int, default=None, help="default 128 (64 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak RSS table")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -246,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_size = args.batch_size or 16
         return rss_child(args.rss_child[0], int(args.rss_child[1]), args)
     args = finish_arguments(args)
-    args.samples = args.samples or (8 if args.quick else 48)
+    args.samples = args.samples or (8 if args.quick else 32)
     args.image_size = args.image_size or (64 if args.quick else 224)
-    args.rss_sizes = args.rss_sizes or ([8, 80] if args.quick else [48, 480])
+    args.rss_sizes = args.rss_sizes or ([8, 80] if args.quick else [32, 320])
     args.rss_image_size = args.rss_image_size or (64 if args.quick else 128)
     sections: list[Any] = []
     for device in devices(args.device):

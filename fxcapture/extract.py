@@ -57,7 +57,7 @@ from .storage import (
 )
 
 Reducer = Union[str, Callable[[Any], torch.Tensor], None]
-CHUNK_BYTES = 64 * 2**20  # default chunk size on disk (and of the writer's buffer)
+CHUNK_BYTES = 16 * 2**20  # default chunk size on disk (and of the writer's buffer)
 OUTPUT_KEY = "output"
 
 
@@ -569,9 +569,10 @@ def extract(
         dtype: store floating values as this dtype (``"float16"`` halves the copies).
         output: also store the model output, under the key ``"output"``; otherwise the
             graph is pruned after the last captured value.
-        chunk_size: rows per chunk (default: whole batches filling about 64 MiB).
+        chunk_size: rows per chunk (default: whole batches filling about 16 MiB).
         progress: a tqdm bar in samples/s; default: only when stderr is a terminal.
-        resume: continue an unfinished run of the same configuration in ``out``.
+        resume: continue an unfinished run of the same configuration in ``out`` (one
+            killed or stopped with Ctrl-C: its complete chunks are kept, the rest is run).
         overwrite: replace an existing output (of any configuration).
         model_name, data_name: how the manifest names the model and the data (the
             configuration also holds a fingerprint of the weights).
@@ -602,6 +603,8 @@ def extract(
     try:
         device = group.device(device)
         source = _source(data, batch_size, num_workers, pin_memory=device.type == "cuda")
+        if source.total == 0:
+            raise ValueError("data holds no rows (an empty dataset): nothing to extract")
         if group.world_size > 1 and source.total is None:
             raise ValueError(
                 "under torch.distributed, data must be a map-style Dataset or a DataLoader over one "
@@ -812,7 +815,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16"], help="store values as this dtype")
     parser.add_argument("--autocast", action="store_true", help="run under torch.autocast")
     parser.add_argument("--output", action="store_true", help="store the model output too (key 'output')")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk file (default: ~64 MiB)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk file (default: ~16 MiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished output")  # fmt: skip

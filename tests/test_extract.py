@@ -328,7 +328,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     mib = {k: [f"{v / 2**20:.1f} MiB" for v in p] for k, p in peaks.items()}
     assert peaks["keep"][1] - peaks["keep"][0] > 0.5 * extra, f"the control should grow with the rows it keeps: {mib}"
     assert peaks["extract"][1] - peaks["extract"][0] < 0.15 * extra, f"extract's peak grows with the samples: {mib}"
-    assert peaks["extract"][1] < 0.25 * extra, f"extract holds a large part of the rows: {mib}"
+    # one-time costs (tracing, the writer thread, the loader) weigh the same in both loops
+    assert peaks["extract"][1] < peaks["keep"][0] + 0.15 * extra, f"extract holds a large part of the rows: {mib}"
 
 
 # -- errors and options -------------------------------------------------------------------
