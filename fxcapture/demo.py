@@ -2,8 +2,9 @@
 
 Builds :class:`fxcapture.models.TinyViT` (seeded random weights), captures the local
 ``attn`` of every block and a few module outputs on a synthetic batch, prints the
-names and shapes, the overhead against a plain forward, and writes figures
-(attention grid, CLS overlay, rollout) when matplotlib is installed.
+names and shapes, the overhead against a plain forward, writes figures (attention
+grid, CLS overlay, rollout) when matplotlib is installed, and runs
+:func:`fxcapture.extract` over a small synthetic dataset into ``out/features``.
 
 Example::
 
@@ -76,7 +77,9 @@ def write_figures(feats: dict, images: torch.Tensor, out_dir: Path) -> list[Path
     return paths
 
 
-def run_demo(out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0, threads: int = 1) -> dict:
+def run_demo(
+    out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0, threads: int = 1, samples: int = 256
+) -> dict:
     """Run the demo; returns what it printed as data (names, shapes, timings, figures).
 
     The model is tiny: one thread (the default) gives steady timings, while several
@@ -85,12 +88,12 @@ def run_demo(out_dir: Path, batch: int = 4, rounds: int = 15, seed: int = 0, thr
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_demo(out_dir, batch, rounds, seed)
+        return _run_demo(out_dir, batch, rounds, seed, samples)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int) -> dict:
+def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int, samples: int) -> dict:
     from .api import capture
     from .models import TinyViT
 
@@ -124,7 +127,24 @@ def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int) -> dict:
         print(f"\nfigures in {out_dir}/:")
         for path in figures:
             print(f"  {path.name}")
-    return {"names": list(feats), "timings": timings, "figures": figures, "build_s": build_s}
+    stored = extract_features(model, out_dir / "features", samples)
+    return {"names": list(feats), "timings": timings, "figures": figures, "build_s": build_s, "stored": stored}
+
+
+def extract_features(model: torch.nn.Module, out: Path, samples: int) -> dict:
+    """The dataset job: CLS token and mean-pooled last block of ``samples`` synthetic images."""
+    from .extract import SyntheticImages, extract
+
+    data = SyntheticImages(samples, (3, model.image_size, model.image_size))
+    start = time.perf_counter()
+    stored = extract(model, {"cls": "norm", "block3_mean": "blocks.3"}, data, out=out,
+                     reduce={"cls": "cls", "block3_mean": "mean"}, batch_size=32, overwrite=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(f"\nextract: {samples} synthetic images in {seconds:.2f} s ({samples / seconds:.0f} samples/s) -> {out}/")
+    for key, array in stored.items():
+        print(f"  {key}  {array.shape} {array.dtype}")
+    print(f'  read back with fxcapture.load("{out}")')
+    return {key: array.shape for key, array in stored.items()}
 
 
 # -- `fxcapture demo` ----------------------------------------------------------------------
@@ -134,10 +154,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (default 15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while the demo runs (default 1)")
+    parser.add_argument("--samples", type=int, default=256, help="synthetic images run through extract (default 256)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if min(args.batch, args.rounds, args.threads) < 1:
-        raise ValueError("--batch, --rounds and --threads must be at least 1")
-    run_demo(Path(args.out), batch=args.batch, rounds=args.rounds, seed=args.seed, threads=args.threads)
+    if min(args.batch, args.rounds, args.threads, args.samples) < 1:
+        raise ValueError("--batch, --rounds, --threads and --samples must be at least 1")
+    run_demo(Path(args.out), batch=args.batch, rounds=args.rounds, seed=args.seed, threads=args.threads,
+             samples=args.samples)  # fmt: skip
     return 0

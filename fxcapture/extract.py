@@ -62,22 +62,23 @@ OUTPUT_KEY = "output"
 
 
 # -- reducers (run on the device, before any copy) ----------------------------------------
+def _over_positions(x: torch.Tensor, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``op(x, dims)`` over the tokens of ``(B, N, C)`` or the positions of ``(B, C, *spatial)``."""
+    if x.ndim == 3:
+        return op(x, 1)
+    if x.ndim >= 4:
+        return op(x, tuple(range(2, x.ndim)))
+    return x
+
+
 def reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over positions: ``(B, N, C)`` tokens -> ``(B, C)``; ``(B, C, *spatial)`` -> ``(B, C)``."""
-    if x.ndim == 3:
-        return x.mean(1)
-    if x.ndim >= 4:
-        return x.mean(tuple(range(2, x.ndim)))
-    return x
+    return _over_positions(x, torch.mean)
 
 
 def reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Max over positions, laid out as for :func:`reduce_mean`."""
-    if x.ndim == 3:
-        return x.amax(1)
-    if x.ndim >= 4:
-        return x.amax(tuple(range(2, x.ndim)))
-    return x
+    return _over_positions(x, torch.amax)
 
 
 def reduce_cls(x: torch.Tensor) -> torch.Tensor:
@@ -440,7 +441,7 @@ def _progress_bar(enabled: bool | None, total: int | None, desc: str) -> Any:
         from tqdm import tqdm
     except ImportError as err:
         if enabled:
-            raise ImportError('progress=True needs tqdm: pip install "fxcapture[progress]"') from err
+            raise ImportError('progress=True needs tqdm: pip install tqdm') from err
         return _NoBar()
     return tqdm(total=total, unit="samples", desc=desc, dynamic_ncols=True, smoothing=0.1)
 

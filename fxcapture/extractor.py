@@ -248,6 +248,18 @@ def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
     )
 
 
+def share_state(model: torch.nn.Module, into: torch.nn.Module) -> None:
+    """Register ``model``'s children, parameters and buffers on ``into`` (the same
+    objects), so that ``into.state_dict()`` has the model's keys and shares its tensors."""
+    for name, child in model.named_children():
+        into.add_module(name, child)
+    for name, param in model.named_parameters(recurse=False):
+        into.register_parameter(name, param)
+    non_persistent = getattr(model, "_non_persistent_buffers_set", set())
+    for name, buf in model.named_buffers(recurse=False):
+        into.register_buffer(name, buf, persistent=name not in non_persistent)
+
+
 class Extractor(torch.nn.Module):
     """The model's forward, rewritten to return ``(output, {key: value})``.
 
@@ -261,13 +273,7 @@ class Extractor(torch.nn.Module):
         # The model itself is kept out of the module tree: its children are ours.
         object.__setattr__(self, "_model", model)
         self._spec = spec
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        non_persistent = getattr(model, "_non_persistent_buffers_set", set())
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in non_persistent)
+        share_state(model, self)
         self.training = model.training
         self._params, self._defaults = constant_defaults(model)
         self._programs: dict[tuple[bool, tuple], Program] = {}

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..extractor import share_state
+
 RECORD_TYPES = ("single", "epoch_full")
 
 
@@ -169,13 +171,7 @@ class MonitoredModel(nn.Module):
         object.__setattr__(self, "_extractor", extractor)
         object.__setattr__(self, "_monitor", monitor)
         self._pending = _Pending()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        non_persistent = getattr(model, "_non_persistent_buffers_set", set())
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in non_persistent)
+        share_state(model, self)
         self.training = extractor.training
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
