@@ -116,14 +116,15 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
     # locals share their base key with the calling forward's (`x` in both)
     first_seen: dict[tuple, str] = {}  # (name, node ids) -> base key where created
     alias_bases: dict[str, str] = {}
-    from .rewrite import value_at  # rewrite imports this module
+    from .rewrite import alias_groups, value_at  # rewrite imports this module
 
+    aliasing = alias_groups(result.graph, modules)
     for rec in result.locals:
         base = f"{rec.module}:{rec.name}"
         if rec.returned_after is not None:  # in-place writes before the return count
             rec.value = map_aggregate(
                 rec.value,
-                lambda v: value_at(v, rec.returned_after, modules) if isinstance(v, fx.Node) else v,
+                lambda v: value_at(v, rec.returned_after, modules, aliasing) if isinstance(v, fx.Node) else v,
             )
         identity = (rec.name, tuple(id(n) for n in value_nodes(rec.value)))
         origin = first_seen.get(identity)
@@ -139,8 +140,9 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
         for (key, call, value), function in zip(_keyed(base, values), local_function[base]):
             records.append(NameInfo(key, LOCAL, module, function, base, call, value))
 
+    order = {node: i for i, node in enumerate(result.graph.nodes)}  # with value_at's reads
     for node in result.graph.nodes:
-        if node.op == "output":
+        if node.op == "output" or node.meta.get("fxcapture_read"):
             continue
         target = node.target if isinstance(node.target, str) else getattr(
             node.target, "__name__", str(node.target)

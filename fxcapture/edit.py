@@ -40,7 +40,7 @@ from torch.fx.node import map_aggregate
 
 from .catalogue import Catalogue, NameInfo, value_nodes
 from .resolve import Selector, _unknown_selector_error, match
-from .rewrite import protect_from_inplace
+from .rewrite import protect_from_inplace, written_bases
 
 Edit = Union[Callable[[Any, str], Any], torch.Tensor]
 Edits = Mapping[Selector, Edit]
@@ -181,7 +181,9 @@ def _insertion_point(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
     return last
 
 
-def _insert_edit(graph: fx.Graph, value: Any, edit: Edit, key: str) -> dict[fx.Node, fx.Node]:
+def _insert_edit(
+    graph: fx.Graph, value: Any, edit: Edit, key: str, modules: dict[str, torch.nn.Module]
+) -> dict[fx.Node, fx.Node]:
     """Insert one edit of ``value``; returns ``{original node: replacement node}``."""
     leaves = _leaves_with_paths(value)
     if not leaves:
@@ -202,7 +204,10 @@ def _insert_edit(graph: fx.Graph, value: Any, edit: Edit, key: str) -> dict[fx.N
             parts[node] = part
     position = {n: i for i, n in enumerate(graph.nodes)}
     for node, part in parts.items():
-        _rewire_after(node, edited if part is edited else part, position)
+        # a local after in-place writes is the tensor of an earlier node (`c` after
+        # `c.relu_()`): the code after the edit uses that node
+        for base in written_bases(node, modules):
+            _rewire_after(base, edited if part is edited else part, position)
     return parts
 
 
@@ -242,7 +247,7 @@ def apply_edits(
         value = map_aggregate(
             info.value, lambda v: replaced.get(v, v) if isinstance(v, fx.Node) else v
         )
-        parts = _protect_replacements(graph, _insert_edit(graph, value, edit, info.key), modules)
+        parts = _protect_replacements(graph, _insert_edit(graph, value, edit, info.key, modules), modules)
         for original in value_nodes(info.value):
             current = replaced.get(original, original)
             if current in parts:

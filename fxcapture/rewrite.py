@@ -39,6 +39,7 @@ _VIEW_NAMES = {
     "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold",
     "real", "imag", "__getitem__", "getitem", "type_as", "to", "float", "half",
     "double", "bfloat16", "type", "view_as_real", "view_as_complex", "align_as",
+    "value_after_writes",
     "squeeze_", "unsqueeze_", "identity",
 }  # fmt: skip
 _VIEW_MODULES = (
@@ -97,15 +98,25 @@ def mutated_input(node: fx.Node, modules: dict[str, torch.nn.Module]) -> fx.Node
     return None
 
 
+def value_after_writes(value: Any, *writes: Any) -> Any:
+    """Graph op: ``value`` itself, read once ``writes`` (earlier nodes) have run."""
+    return value
+
+
 def value_at(
-    node: fx.Node, point: fx.Node | None, modules: dict[str, torch.nn.Module]
+    node: fx.Node,
+    point: fx.Node | None,
+    modules: dict[str, torch.nn.Module],
+    aliasing: tuple[dict[fx.Node, set[fx.Node]], list[tuple[fx.Node, fx.Node]]] | None = None,
 ) -> fx.Node:
     """The node holding ``node``'s tensor as it is once the graph has run up to ``point``.
 
     A local's value is read when its function returns: in-place ops on it before then
     (``nn.ReLU(inplace=True)`` on ``x`` in ``return self.act(x)``, ``y.add_(1)``) are
     part of it. Each such op returns the tensor it wrote, so the last one stands for
-    the value. (Writes through a view or ``x[i] = v`` return no such node: missed.)
+    the value. Writes that return no such node (``x[i] = v``, ``x[:, :3].mul_(-1)``)
+    get a :func:`value_after_writes` node inserted after the last of them.
+    ``aliasing``: :func:`alias_groups` of the graph, computed once by the caller.
     """
     if point is None or point is node:
         return node
@@ -119,7 +130,37 @@ def value_at(
         if cursor is point:
             break
         cursor = cursor.next
-    return current
+    group, writes = aliasing if aliasing is not None else alias_groups(node.graph, modules)
+    members = group.get(current, {current})
+    others = [op for op, target in writes if target in members and op not in chain]
+    if not others:
+        return current
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    later = [op for op in others if order[current] < order[op] <= order[point]]
+    if not later:
+        return current
+    last = max(later, key=order.__getitem__)
+    for user in current.users:  # the same local in an outer frame: one read
+        if user.target is value_after_writes and user.args == (current, last):
+            return user
+    with node.graph.inserting_after(last):
+        read = node.graph.call_function(value_after_writes, (current, last))
+    read.meta["fxcapture_read"] = True  # not a value of the model: no `%` key
+    members.add(read)
+    group[read] = members
+    return read
+
+
+def written_bases(node: fx.Node, modules: dict[str, torch.nn.Module]) -> list[fx.Node]:
+    """``node`` and the nodes whose tensor it is: what an in-place op or a
+    :func:`value_after_writes` read returns is its first argument's tensor."""
+    bases = [node]
+    while True:
+        base = node.args[0] if node.target is value_after_writes else mutated_input(node, modules)
+        if not isinstance(base, fx.Node) or base in bases:
+            return bases
+        bases.append(base)
+        node = base
 
 
 def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
@@ -130,7 +171,7 @@ def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     return False
 
 
-def _alias_groups(
+def alias_groups(
     graph: fx.Graph, modules: dict[str, torch.nn.Module]
 ) -> tuple[dict[fx.Node, set[fx.Node]], list[tuple[fx.Node, fx.Node]]]:
     """Groups of nodes that may share memory, and the (in-place op, target) pairs."""
@@ -158,7 +199,7 @@ def protect_from_inplace(
 
     Returns ``{captured node: clone node}`` for the nodes that needed a copy.
     """
-    group, writes = _alias_groups(graph, modules)
+    group, writes = alias_groups(graph, modules)
     if not writes:
         return {}
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -191,7 +232,7 @@ def prune(graph: fx.Graph, modules: dict[str, torch.nn.Module]) -> None:
     An in-place op is needed when it writes into memory that a needed node shares
     (fx's own dead-code elimination would drop ``x.relu_()`` whose result is unused).
     """
-    group, writes = _alias_groups(graph, modules)
+    group, writes = alias_groups(graph, modules)
     live: set[fx.Node] = set()
 
     def keep(node: fx.Node) -> None:
@@ -222,10 +263,13 @@ def prune(graph: fx.Graph, modules: dict[str, torch.nn.Module]) -> None:
 
 __all__ = [
     "add_feature_outputs",
+    "alias_groups",
     "mutated_input",
     "protect_from_inplace",
     "prune",
     "substitute",
+    "value_after_writes",
     "value_at",
     "value_nodes",
+    "written_bases",
 ]

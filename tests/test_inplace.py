@@ -86,11 +86,6 @@ def test_local_rebound_after_inplace_gives_value_at_return():
     assert torch.equal(feats[":view"], ref["d"][:, :3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fxcapture/rewrite.py value_at: a local written through x[i] = v or through a "
-    "view (setitem/view.mul_ return no node for the base) is captured before those writes",
-)
 def test_local_written_through_setitem_and_view_has_value_at_return():
     model = InplaceOps().eval()
     x, y = torch.randn(4, 6), torch.randn(4, 6)
@@ -168,3 +163,48 @@ def test_captured_value_later_written_only_through_unrelated_tensor_is_not_clone
     _, feats = ex(x)
     assert torch.equal(feats["a"], x * 2)
     assert torch.equal(feats["b"], x + 1)
+
+
+def _fill_first_row(h):
+    h[0] = 5.0  # a write that returns no node for `h`
+    return h
+
+
+class HelperThenLaterWrite(nn.Module):
+    def forward(self, x):
+        g = _fill_first_row(x * 2)  # the helper's local `h` at return: row 0 filled
+        g.mul_(10)  # a write after the helper returned: not part of `h`
+        return g + 1
+
+
+def test_helper_local_after_setitem_is_copied_at_return_not_after_later_writes():
+    x = torch.randn(3, 4)
+    at_return = x * 2
+    at_return[0] = 5.0
+    _, feats = capture(HelperThenLaterWrite(), [":h"])(x)
+    assert torch.equal(feats[":h"], at_return)
+    torch.manual_seed(0)
+    out, _ = torch.compile(capture(HelperThenLaterWrite(), [":h"]), fullgraph=True, backend="eager")(x)
+    assert torch.equal(out, at_return * 10 + 1)
+
+
+def test_editing_a_local_after_inplace_writes_reaches_the_code_after_it():
+    class M(nn.Module):
+        def forward(self, x):
+            c = x - 1
+            c.relu_()  # the Python name `c` still holds the node before relu_
+            d = c * 3
+            return d
+
+    x = torch.randn(3, 4)
+    out, feats = capture(M(), [":c"], edit={":c": lambda v, key: v + 100})(x)
+    expected_c = (x - 1).relu() + 100  # manual forward with the edit
+    assert torch.equal(feats[":c"], expected_c)
+    assert torch.equal(out, expected_c * 3)
+
+    model = InplaceOps().eval()  # `d` written through d[0] = 7 and a view before return
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    ref = _manual(model, x, y)
+    out, feats = capture(model, [":d"], edit={":d": lambda v, key: v * 0.5})(x, y)
+    assert torch.equal(feats[":d"], ref["d"] * 0.5)
+    assert torch.allclose(out, ref["d"] * 0.5 + ref["b"])
