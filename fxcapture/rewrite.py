@@ -39,13 +39,22 @@ _VIEW_NAMES = {
     "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold",
     "real", "imag", "__getitem__", "getitem", "type_as", "to", "float", "half",
     "double", "bfloat16", "type", "view_as_real", "view_as_complex", "align_as",
-    "value_after_writes",
+    "value_after_writes", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout",  # return their input when not training
     "squeeze_", "unsqueeze_", "identity",
 }  # fmt: skip
 _VIEW_MODULES = (
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout,
     torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
 )  # fmt: skip
+# Functions whose results never share memory with their arguments unless named in
+# _VIEW_NAMES; a function from anywhere else ran unseen (``torch.fx.wrap``, a leaf)
+# and may return its argument (torchvision's ``stochastic_depth`` in eval does).
+_KNOWN_FUNCTION_MODULES = {
+    "torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._linalg",
+    "torch._C._fft", "torch._C._special", "torch._C._VariableFunctions", "_operator",
+    "operator", "builtins", "math", "fxcapture.tracing",
+}  # fmt: skip
 
 
 def _target_name(node: fx.Node) -> str:
@@ -164,10 +173,16 @@ def written_bases(node: fx.Node, modules: dict[str, torch.nn.Module]) -> list[fx
 
 
 def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
-    if node.op in ("call_function", "call_method"):
+    """May ``node``'s result share memory with its first argument?"""
+    if node.op == "call_method":
         return _target_name(node) in _VIEW_NAMES
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or "torch"
+        return _target_name(node) in _VIEW_NAMES or module not in _KNOWN_FUNCTION_MODULES
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), _VIEW_MODULES)
+        module = modules.get(node.target)
+        # a leaf of the user's (or a library's) own class ran unseen: it may return its input
+        return isinstance(module, _VIEW_MODULES) or not type(module).__module__.startswith("torch.nn")
     return False
 
 

@@ -208,3 +208,39 @@ def test_editing_a_local_after_inplace_writes_reaches_the_code_after_it():
     out, feats = capture(model, [":d"], edit={":d": lambda v, key: v * 0.5})(x, y)
     assert torch.equal(feats[":d"], ref["d"] * 0.5)
     assert torch.allclose(out, ref["d"] * 0.5 + ref["b"])
+
+
+class ReturnsItsInput(nn.Module):  # a leaf: fx does not see that it returns its input
+    def forward(self, x):
+        return x
+
+
+class ResidualThroughOpaqueCalls(nn.Module):
+    """torchvision's MBConv tail: ``stochastic_depth`` (``torch.fx.wrap``-ed) returns its
+    input in eval mode, and ``result += input`` then writes into the block's output."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.block = nn.Linear(4, 4)
+        self.depth = StochasticDepth(0.1, "row")
+        self.proj = nn.Linear(4, 4)
+        self.leaf = ReturnsItsInput()
+
+    def forward(self, x):
+        result = self.depth(self.block(x))
+        result += x
+        h = self.leaf(self.proj(result))
+        h.mul_(2)
+        return h
+
+
+def test_inplace_write_through_an_opaque_function_or_leaf_keeps_the_captured_value():
+    model = ResidualThroughOpaqueCalls().eval()
+    x = torch.randn(3, 4)
+    paths = ["block", "proj"]
+    out, feats = capture(model, paths, leaf_modules=[ReturnsItsInput])(x)
+    ref, seen = hook_values(model, paths, x)  # hooks copy at call time
+    assert torch.equal(out, ref)
+    assert_matches_hooks(feats, seen)
