@@ -482,3 +482,30 @@ def test_benchmark_script_runs_at_tiny_sizes(capsys):
     assert rows[:3] == ["bare", "hooks", "extract"]
     assert "| yes " in out and "| NO " not in out and "extract x bare" in out
     assert int(out.split()[-1]) >= 0  # the child's peak resident bytes during its loop
+
+
+def test_image_search_example_stores_hook_values_and_reuses_a_finished_output(tmp_path):
+    import importlib.util
+
+    import torchvision
+
+    spec = importlib.util.spec_from_file_location("image_search", ROOT / "examples" / "image_search.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folder = example.synthetic_folder(tmp_path / "images", per_class=4)
+    result = example.main([str(folder), "--out", str(tmp_path / "feats")])
+    assert result["agreement"] > 0.5  # colour classes are apart even with random weights
+    # reference: the same images through the plain model with a hook
+    _, dataset = example.embed(folder, tmp_path / "again")
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    seen = []
+    model.layer4.register_forward_hook(lambda m, a, o: seen.append(o.mean((2, 3))))
+    with torch.no_grad():
+        model(x)
+    np.testing.assert_allclose(result["features"]["layer4"], seen[0].numpy(), rtol=1e-4, atol=1e-5)
+    manifest = tmp_path / "feats" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    example.main([str(folder), "--out", str(tmp_path / "feats")])  # finished: not run again
+    assert manifest.stat().st_mtime_ns == before
