@@ -47,7 +47,10 @@ def _save(fig: "Figure", save: str | Path | None, dpi: int) -> None:
     if path.suffix.lower() not in _FORMATS:
         raise ValueError(f"save={str(save)!r}: use a file name ending in {', '.join(_FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    from .storage import atomic_file
+
+    with atomic_file(path) as tmp:  # a figure is whole or absent, never half-written
+        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
 
 
 def _layers(attn: Maps) -> tuple[list[str], list[torch.Tensor]]:

@@ -194,3 +194,17 @@ def test_read_manifest_rejects_newer_versions(tmp_path):
     with pytest.raises(ValueError, match="version 99"):
         read_manifest(tmp_path)
     assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    from fxcapture.storage import atomic_file
+
+    path = tmp_path / "values.pt"
+    with atomic_file(path) as tmp:
+        torch.save({"v": 1}, tmp)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half a fi")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a write
+    assert torch.load(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["values.pt"]

@@ -36,6 +36,13 @@ import torch
 import torch.nn as nn
 
 from ..extractor import share_state
+from ..storage import atomic_file
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file (Ctrl-C, a crash)."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 RECORD_TYPES = ("single", "epoch_full")
 
@@ -410,7 +417,7 @@ class Monitor:
         for alias, entry in self.get_single_data(layers).items():
             for (epoch, batch_idx), value in entry["data"].items():
                 path = self._dir(alias) / f"single_epoch{epoch}_batch{batch_idx}.pt"
-                torch.save(self._item(entry, epoch, batch_idx, value), path)
+                _save_atomic(self._item(entry, epoch, batch_idx, value), path)
                 written.append(path)
         return written
 
@@ -424,7 +431,7 @@ class Monitor:
                 by_epoch.setdefault(epoch, []).append(self._item(entry, epoch, batch_idx, value))
             for epoch, items in by_epoch.items():
                 path = self._dir(alias) / f"epoch_full_epoch{epoch}.pt"
-                torch.save(items, path)
+                _save_atomic(items, path)
                 written.append(path)
         return written
 
@@ -434,7 +441,7 @@ class Monitor:
             raise ValueError("this Monitor has no output_dir: pass output_dir=... to save")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / filename
-        torch.save(obj, path)
+        _save_atomic(obj, path)
         return path
 
     @staticmethod
