@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         names = [Path(dataset.samples[j][0]).relative_to(folder).as_posix() for j in neighbours[i]]
         print(f"  {Path(dataset.samples[i][0]).relative_to(folder).as_posix()}: nearest {names}")
     print(f"neighbours of the same class: {agreement:.0%} (random weights: colour statistics only)")
-    return {"features": feats, "neighbours": neighbours, "labels": labels, "agreement": agreement, "out": out}
+    return {"features": feats, "dataset": dataset, "neighbours": neighbours, "agreement": agreement, "out": out}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .storage import atomic_file
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -47,8 +49,6 @@ def _save(fig: "Figure", save: str | Path | None, dpi: int) -> None:
     if path.suffix.lower() not in _FORMATS:
         raise ValueError(f"save={str(save)!r}: use a file name ending in {', '.join(_FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .storage import atomic_file
-
     with atomic_file(path) as tmp:  # a figure is whole or absent, never half-written
         fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
 

@@ -258,37 +258,13 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 MEMORY = '''
-import os, sys, tempfile, threading, time
+import sys
+import tempfile
+
 import torch
 import fxcapture
 from fxcapture.extract import SyntheticImages
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def peak_above_start(fn):
-    """Peak resident memory while fn runs, above what was resident when it started."""
-    start, peak, done = rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], rss()) - start
-
+from benchmarks.extract import peak_above_start  # RSS sampled every millisecond
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -496,7 +472,7 @@ def test_image_search_example_stores_hook_values_and_reuses_a_finished_output(tm
     result = example.main([str(folder), "--out", str(tmp_path / "feats")])
     assert result["agreement"] > 0.5  # colour classes are apart even with random weights
     # reference: the same images through the plain model with a hook
-    _, dataset = example.embed(folder, tmp_path / "again")
+    dataset = result["dataset"]
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
