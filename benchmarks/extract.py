@@ -69,7 +69,7 @@ def build_model(arch: str) -> torch.nn.Module:
 def make_loader(samples: int, image_size: int, batch_size: int, device: torch.device, workers: int) -> Any:
     from torch.utils.data import DataLoader
 
-    from fxcapture.extract import SyntheticImages
+    from fxcapture.dataset.sources import SyntheticImages
 
     dataset = SyntheticImages(samples, (3, image_size, image_size))
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")

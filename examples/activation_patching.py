@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from fxcapture import capture
-from fxcapture.models import Attention
-from fxcapture.patching import patch
+from fxcapture.cli.models import Attention
+from fxcapture.interventions.patching import patch
 
 VOCAB, LENGTH, SOURCE = 16, 6, 2  # copy the token at position SOURCE
 

@@ -1,6 +1,6 @@
 """Record attention maps while training, with fxcapture.Monitor.
 
-Trains a small random-weight ViT (fxcapture.models.TinyViT) for 3 epochs on
+Trains a small random-weight ViT (fxcapture.cli.models.TinyViT) for 3 epochs on
 synthetic data, records every block's attention map (the local ``attn`` of
 ``Attention.forward``, not a module output) on batch 0 of epochs 0 and 2, saves
 them, loads them back and prints how far the maps moved during training.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcapture import Monitor
-from fxcapture.models import TinyViT
+from fxcapture.cli.models import TinyViT
 
 
 def synthetic_data(num_batches: int, batch_size: int = 8, seed: int = 0):

@@ -5,16 +5,37 @@ Example::
     >>> from fxcapture import capture
     >>> extractor = capture(model, ["attn", "layer4"])
     >>> out, feats = extractor(images)
+
+Packages, each importing only the ones before it: ``_util`` (tree walk, atomic
+files), ``core`` (tracing, records, selectors, passes, the extractor), ``dataset``
+(``extract``/``load``), ``interventions`` (``patch``), ``inspect`` (graphs, pictures),
+``compat`` (drop-ins for the seed tools), ``cli`` (the command line).
 """
 
-from .api import NameTable, capture, list_names
-from .catalogue import NameInfo
-from .extractor import Extractor
-from .extract import extract
-from .storage import load
+from ._version import __version__
 from .compat import HookManager, Monitor, get_local
+from .core.api import NameTable, capture, list_names
+from .core.extractor import Extractor
+from .core.records import NameInfo
+from .core.spec import CaptureError, TraceFailure
+from .dataset.run import extract
+from .dataset.storage import UnfinishedOutputError, load
+from .interventions.patching import patch
 
-__version__ = "0.1.0"
-
-__all__ = ["capture", "list_names", "extract", "load", "Extractor", "NameInfo", "NameTable", "__version__"]
-__all__ += ["get_local", "HookManager", "Monitor"]
+__all__ = [
+    "capture",
+    "list_names",
+    "extract",
+    "load",
+    "patch",
+    "Extractor",
+    "NameInfo",
+    "NameTable",
+    "CaptureError",
+    "TraceFailure",
+    "UnfinishedOutputError",
+    "get_local",
+    "HookManager",
+    "Monitor",
+    "__version__",
+]

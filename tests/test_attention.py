@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import module_state
 from fxcapture import capture
-from fxcapture.attention import ExplicitAttentionMode, explicit_sdpa
+from fxcapture.core.attention import ExplicitAttentionMode, explicit_sdpa
 
 
 def _sdpa_nodes(graph) -> list:

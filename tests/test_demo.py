@@ -21,8 +21,8 @@ def test_demo_runs_and_writes_figures(tmp_path, capsys):
     from matplotlib.image import imread
 
     import fxcapture
-    from fxcapture.extract import SyntheticImages
-    from fxcapture.models import TinyViT
+    from fxcapture.dataset.sources import SyntheticImages
+    from fxcapture.cli.models import TinyViT
 
     stored = fxcapture.load(tmp_path / "features")  # the dataset job: rows equal a plain forward's
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 
 import fxcapture
 from fxcapture import cli
-from fxcapture.distributed import Group
+from fxcapture.dataset.distributed import Group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "fxcapture.cli", *args, "--out", str(tmp_path / "two")],
+         "-m", "fxcapture", *args, "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

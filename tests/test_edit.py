@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxcapture import capture
-from fxcapture.models import TinyViT
+from fxcapture.cli.models import TinyViT
 
 from conftest import assert_same, module_state, timm_vit_small
 

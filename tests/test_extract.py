@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxcapture
 from fxcapture import cli
-from fxcapture.extract import SyntheticImages, resolve_reducers
-from fxcapture.models import TinyViT, build_model
-from fxcapture.storage import UnfinishedOutputError, complete_chunks
+from fxcapture.dataset.reduce import resolve_reducers
+from fxcapture.dataset.sources import SyntheticImages
+from fxcapture.cli.models import TinyViT, build_model
+from fxcapture.dataset.storage import UnfinishedOutputError, complete_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -133,7 +134,7 @@ def test_untraceable_model_through_the_fallback_equals_output_attentions(tmp_pat
     model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
     ids = torch.randint(0, 100, (6, 8), generator=torch.Generator().manual_seed(0))
     feats = fxcapture.extract(model, ["attn_weights", "transformer.h.1"], [{"input_ids": b} for b in ids.split(4)],
-                              out=tmp_path / "o", reduce={"attn_weights": "flatten", "transformer.*": "mean"})  # fmt: skip
+                              out=tmp_path / "o", reduce={"attn_weights": "flatten", "transformer.**": "mean"})  # fmt: skip
     block = []
     model.transformer.h[1].register_forward_hook(lambda m, a, o: block.append(o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
@@ -194,7 +195,7 @@ import sys, time
 import torch
 from torch.utils.data import Dataset
 import fxcapture
-from fxcapture.models import TinyViT
+from fxcapture.cli.models import TinyViT
 
 N = 64
 
@@ -263,7 +264,7 @@ import tempfile
 
 import torch
 import fxcapture
-from fxcapture.extract import SyntheticImages
+from fxcapture.dataset.sources import SyntheticImages
 from benchmarks.extract import peak_above_start  # RSS sampled every millisecond
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from fxcapture import capture
-from fxcapture.extractor import TraceFailure
+from fxcapture import TraceFailure
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

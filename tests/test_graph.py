@@ -9,8 +9,9 @@ import torch
 from conftest import hook_values
 from fxcapture import capture
 from fxcapture.cli import main
-from fxcapture.graph import draw, module_view, to_networkx
-from fxcapture.tracing import CaptureTracer
+from fxcapture.inspect.draw import draw
+from fxcapture.inspect.graph import module_view, to_networkx
+from fxcapture.core.trace import CaptureTracer
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_graphml_round_trip(resnet_graph, tmp_path):
 
 def test_extractor_graph_marks_its_captures(resnet18):
     ex = capture(resnet18, ["layer2", "fc"])
-    g = ex.graph_nx(torch.randn(1, 3, 64, 64))
+    g = to_networkx(ex, torch.randn(1, 3, 64, 64))
     assert list(g) == [n.name for n in ex.graph.nodes]
     assert {n for n, d in g.nodes(data=True) if d["captured"]} == {"layer2_1_relu_1", "fc"}
     assert g.nodes["fc"]["shape"] == "(1, 1000)"

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from conftest import assert_matches_hooks, assert_same, hook_values
 from fxcapture import capture
-from fxcapture.models import TinyViT
+from fxcapture.cli.models import TinyViT
 
 
 @pytest.fixture

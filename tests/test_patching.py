@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from conftest import assert_same, module_state
 from fxcapture import capture
-from fxcapture.models import TinyViT
-from fxcapture.patching import ALL, patch
+from fxcapture.cli.models import TinyViT
+from fxcapture.interventions.patching import ALL, patch
 
 
 def hook_patched(model: nn.Module, clean, corrupted, paths: list[str], combine=None):

@@ -101,7 +101,7 @@ def test_list_names_kinds_owner_and_op(resnet18):
     modules_run = {p for p, _ in resnet18.named_modules() if p}
     assert {r.base for r in table if r.kind == "module"} == modules_run
     # filtering, and the printed table
-    only = list_names(resnet18, "layer4.1*", kinds=["module"])
+    only = list_names(resnet18, "layer4.1**", kinds=["module"])
     assert only.keys() and all(k.startswith("layer4.1") for k in only.keys())
     assert all(r.kind == "module" for r in only)
     text = str(only)

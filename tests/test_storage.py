@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fxcapture import storage
-from fxcapture.storage import (
+from fxcapture.dataset import storage
+from fxcapture.dataset.storage import (
     ChunkWriter,
     UnfinishedOutputError,
     complete_chunks,
@@ -197,7 +197,7 @@ def test_read_manifest_rejects_newer_versions(tmp_path):
 
 
 def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
-    from fxcapture.storage import atomic_file
+    from fxcapture._util.atomic import atomic_file
 
     path = tmp_path / "values.pt"
     with atomic_file(path) as tmp:

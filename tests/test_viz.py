@@ -8,8 +8,9 @@ import torch
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from fxcapture import capture, viz  # noqa: E402
-from fxcapture.models import TinyViT  # noqa: E402
+from fxcapture import capture
+from fxcapture.inspect import viz  # noqa: E402
+from fxcapture.cli.models import TinyViT  # noqa: E402
 
 
 @pytest.fixture(scope="module")

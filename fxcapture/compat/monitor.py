@@ -35,8 +35,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..extractor import share_state
-from ..storage import atomic_file
+from .._util.atomic import atomic_file
+from ..core.api import capture
+from ..core.build import trace_symbolic
+from ..core.extractor import share_state
+from ..core.select import match
+from ..core.spec import CaptureSpec
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -136,14 +140,11 @@ def _parse_layers(layers: Any) -> list[LayerSpec]:
 def _unknown_layers_error(model: nn.Module, specs: list[LayerSpec], capture_kwargs: dict,
                           cause: ValueError) -> ValueError:  # fmt: skip
     """The seed's error, listing every unknown layer at once, with close matches."""
-    from ..extractor import make_spec, trace
-    from ..resolve import match
-
     try:
-        spec = make_spec((), capture_kwargs.get("leaf_modules", ()),
-                         capture_kwargs.get("autowrap_functions", ()),
-                         capture_kwargs.get("concrete_args"))  # fmt: skip
-        _, catalogue = trace(model, spec)
+        spec = CaptureSpec((), leaf_modules=capture_kwargs.get("leaf_modules", ()),
+                           autowrap_functions=capture_kwargs.get("autowrap_functions", ()),
+                           concrete_args=capture_kwargs.get("concrete_args"))  # fmt: skip
+        _, catalogue = trace_symbolic(model, spec)
         missing = [s.layer for s in specs if not match(catalogue, s.layer)]
     except Exception:  # the model cannot be traced: the original error says why
         return cause
@@ -237,8 +238,6 @@ class Monitor:
         batch_indices: Iterable[int] | None = None,
         **capture_kwargs: Any,
     ) -> None:
-        from ..api import capture
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
         self.layers = _parse_layers(layers_to_monitor)
@@ -265,8 +264,6 @@ class Monitor:
 
     def _group_keys(self, extractor: nn.Module) -> dict[str, list[tuple[str, str]]]:
         """``{internal alias: [(extractor key, canonical key)]}`` in execution order."""
-        from ..resolve import match
-
         grouped: dict[str, list[tuple[str, str]]] = {}
         for spec in self.layers:
             keys = [k for k in extractor.names if k.partition("@")[0] == spec.internal]

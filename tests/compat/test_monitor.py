@@ -17,7 +17,7 @@ from conftest import assert_same, detached_copy, module_state
 
 from fxcapture import Monitor
 from fxcapture.compat.monitor import MonitoredTrainer
-from fxcapture.models import TinyViT
+from fxcapture.cli.models import TinyViT
 
 
 def tiny_vit() -> TinyViT:

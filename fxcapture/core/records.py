@@ -24,9 +24,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
 
-from .tracing import TraceResult
+from .._util.tree import map_nodes, nodes
+from .aliasing import Aliasing, value_at
+from .trace import TraceResult
 
 MODULE, LOCAL, NODE = "module", "local", "node"
 
@@ -61,12 +62,6 @@ class NameInfo:
         return self.base.rpartition(":")[2] if self.kind == LOCAL else None
 
 
-def value_nodes(value: Any) -> list[fx.Node]:
-    nodes: list[fx.Node] = []
-    map_aggregate(value, lambda v: nodes.append(v) if isinstance(v, fx.Node) else None)
-    return nodes
-
-
 class Catalogue:
     """Every capturable value of one traced graph, in execution order."""
 
@@ -97,7 +92,7 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
     modules = dict(root.named_modules())
 
     def position(value: Any) -> int:
-        return max((order.get(n, -1) for n in value_nodes(value)), default=-1)
+        return max((order.get(n, -1) for n in nodes(value)), default=-1)
 
     records: list[NameInfo] = []
 
@@ -116,17 +111,12 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
     # locals share their base key with the calling forward's (`x` in both)
     first_seen: dict[tuple, str] = {}  # (name, node ids) -> base key where created
     alias_bases: dict[str, str] = {}
-    from .rewrite import alias_groups, value_at  # rewrite imports this module
-
-    aliasing = alias_groups(result.graph, modules)
+    aliasing = Aliasing(result.graph, modules)
     for rec in result.locals:
         base = f"{rec.module}:{rec.name}"
         if rec.returned_after is not None:  # in-place writes before the return count
-            rec.value = map_aggregate(
-                rec.value,
-                lambda v: value_at(v, rec.returned_after, modules, aliasing) if isinstance(v, fx.Node) else v,
-            )
-        identity = (rec.name, tuple(id(n) for n in value_nodes(rec.value)))
+            rec.value = map_nodes(lambda v: value_at(v, rec.returned_after, aliasing), rec.value)
+        identity = (rec.name, tuple(id(n) for n in nodes(rec.value)))
         origin = first_seen.get(identity)
         if origin is not None:
             if origin != base:

@@ -37,7 +37,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .resolve import Names
+from ..core.api import capture
+from ..core.select import Names
 
 Combine = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 ALL = "all"  # the key of the single output when one_at_a_time=False
@@ -303,8 +304,6 @@ def patch(
         >>> r = patch(resnet, ["layer2", "layer3"], img_a, img_b)
         >>> r.patched["layer3"]   # resnet(img_b) with layer3's output taken from img_a
     """
-    from .api import capture
-
     if isinstance(names, Mapping):
         raise TypeError(
             "patch() takes selectors (a string, a list, a predicate), not {alias: selector}: "

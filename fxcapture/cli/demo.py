@@ -21,6 +21,12 @@ from typing import Callable
 
 import torch
 
+from ..core.api import capture
+from ..dataset.run import extract
+from ..dataset.sources import SyntheticImages
+from ..inspect import viz
+from .models import TinyViT
+
 MODULES = ["patch_embed", "blocks.0", "blocks.3.mlp", "norm"]
 
 
@@ -63,8 +69,6 @@ def _shape(value: object) -> str:
 
 def write_figures(feats: dict, images: torch.Tensor, out_dir: Path) -> list[Path]:
     """Attention grid, CLS overlay (last block) and rollout overlay; [] without matplotlib."""
-    from . import viz
-
     attn = {k: v for k, v in feats.items() if k.endswith(":attn")}
     last = list(attn.values())[-1]
     paths = [out_dir / "attention_grid.png", out_dir / "attention_overlay.png",
@@ -94,9 +98,6 @@ def run_demo(
 
 
 def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int, samples: int) -> dict:
-    from .api import capture
-    from .models import TinyViT
-
     torch.manual_seed(seed)
     model = TinyViT().eval()
     images = synthetic_batch(batch, model.image_size, seed)
@@ -133,8 +134,6 @@ def _run_demo(out_dir: Path, batch: int, rounds: int, seed: int, samples: int) -
 
 def extract_features(model: torch.nn.Module, out: Path, samples: int) -> dict:
     """The dataset job: CLS token and mean-pooled last block of ``samples`` synthetic images."""
-    from .extract import SyntheticImages, extract
-
     data = SyntheticImages(samples, (3, model.image_size, model.image_size))
     start = time.perf_counter()
     stored = extract(model, {"cls": "norm", "block3_mean": "blocks.3"}, data, out=out,

@@ -43,9 +43,9 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.node import map_aggregate
 
-from .tracing import LocalRecord, TraceResult
+from .._util.tree import map_nodes
+from .trace import LocalRecord, TraceResult
 
 MODES = ("weights",)
 PROBS = "attn_probs"
@@ -176,7 +176,7 @@ def _substitute_records(result: TraceResult, old: fx.Node, new: fx.Node) -> None
     """Point every recorded module return / local that held ``old`` at ``new``."""
 
     def swap(value: Any) -> Any:
-        return map_aggregate(value, lambda v: new if v is old else v)
+        return map_nodes(lambda v: new if v is old else v, value)
 
     result.module_calls[:] = [(path, swap(value)) for path, value in result.module_calls]
     for record in result.locals:

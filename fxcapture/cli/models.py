@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 
 class Attention(nn.Module):
@@ -145,18 +145,3 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
 
 
 # -- `fxcapture names MODEL` ------------------------------------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("model", help="SOURCE:NAME, e.g. torchvision:resnet50, timm:vit_small_patch16_224, demo:vit")
-    parser.add_argument("pattern", nargs="?", default=None, help="glob over keys, e.g. 'layer4*'")
-    parser.add_argument("--kind", action="append", choices=["module", "local", "node"],
-                        help="only these kinds (repeatable); default: modules and locals")  # fmt: skip
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .api import list_names
-
-    model = build_model(args.model)
-    table = list_names(model, args.pattern, kinds=args.kind or ("module", "local"))
-    print(table)
-    print(f"\n{len(table)} names")
-    return 0

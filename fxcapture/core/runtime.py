@@ -23,25 +23,27 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
-from .catalogue import LOCAL, MODULE, NameInfo
-from .resolve import Selector, _unknown_selector_error, match
-from .tracing import watches_code
+from .._util.tree import leaves, tree_map
+from .attention import ExplicitAttentionMode
+from .edit import apply_edit
+from .records import LOCAL, MODULE, Catalogue, NameInfo
+from .select import Selector, match_record, unknown_selector_error
+from .trace import chain_profile, watches_code
 
 _ACTIVE = threading.local()  # the session of the extractor call running in this thread
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    return [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+    return leaves(value)
 
 
 def _holds_tensors(value: Any) -> bool:
@@ -51,7 +53,7 @@ def _holds_tensors(value: Any) -> bool:
 
 
 def _clone(value: Any) -> Any:
-    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+    return tree_map(torch.Tensor.clone, value)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -144,7 +146,7 @@ class RuntimeCapture:
         return where + (", cloned" if plan.clone else "")
 
     # -- one call ----------------------------------------------------------------------
-    @contextmanager
+    @contextlib.contextmanager
     def session(self) -> Iterator[_Session]:
         if torch.compiler.is_compiling():
             raise RuntimeError(
@@ -191,11 +193,8 @@ class RuntimeCapture:
         return handles
 
     def _attention_mode(self, session: _Session):
-        from contextlib import nullcontext
-
         if self.attention is None:
-            return nullcontext()
-        from .attention import ExplicitAttentionMode
+            return contextlib.nullcontext()
 
         def on_probs(probs: torch.Tensor) -> None:
             if session.depth:  # inside an untraced region
@@ -210,12 +209,12 @@ class RuntimeCapture:
     def _edits_for(self, path: str) -> list[Any]:
         """The edits selecting the output of module ``path``, in dict order."""
         info = NameInfo(path, MODULE, path, "", path)
-        return [edit for selector, edit in self.edits.items() if match_one(info, selector)]
+        return [edit for selector, edit in self.edits.items() if match_record(info, selector)]
 
     def _check_edits(self) -> None:
         """Every edit must select a module output: locals cannot be replaced at run time."""
         for selector in self.edits:
-            if not any(match_one(NameInfo(p, MODULE, p, "", p), selector) for p in self.modules):
+            if not any(match_record(NameInfo(p, MODULE, p, "", p), selector) for p in self.modules):
                 raise ValueError(
                     f"cannot edit {selector!r}: it runs inside {_describe(self.regions)}, "
                     "which torch.fx could not trace, and a local variable cannot be replaced "
@@ -251,8 +250,6 @@ class RuntimeCapture:
             if session is None or session.capture is not self:
                 return None
             if edits:
-                from .edit import apply_edit
-
                 calls = session.edit_calls[path] = session.edit_calls.get(path, -1) + 1
                 count = self.counts.get(path, 1)
                 key = path if count == 1 else f"{path}@{calls}"
@@ -326,7 +323,7 @@ class RuntimeCapture:
             session.values[base].append(None)
 
     def _wanted(self, info: NameInfo) -> bool:
-        return any(match_one(info, sel) for _, sel in self.selectors)
+        return any(match_record(info, sel) for _, sel in self.selectors)
 
     def _finish_discovery(self, session: _Session) -> None:
         catalogue = []
@@ -344,7 +341,7 @@ class RuntimeCapture:
             self.catalogue = catalogue
             features: dict[str, tuple[str, int | None]] = {}
             for alias, selector in self.selectors:
-                found = [r for r in catalogue if match_one(r, selector)]
+                found = [r for r in catalogue if match_record(r, selector)]
                 if not found:
                     if any(selector is o for o in self.optional):
                         continue
@@ -369,9 +366,7 @@ class RuntimeCapture:
             self.discovered = True
 
     def _unknown(self, selector: Selector) -> ValueError:
-        from .catalogue import Catalogue
-
-        return _unknown_selector_error(Catalogue(self.catalogue, {}), selector, None, set())
+        return unknown_selector_error(Catalogue(self.catalogue, {}), selector)
 
     def collect(self, session: _Session) -> dict[str, Any]:
         """The selected values of one call, keyed like the graph's features."""
@@ -388,8 +383,3 @@ def _describe(regions: dict[str, str]) -> str:
     return ", ".join(repr(r) if r else "the model's forward" for r in regions)
 
 
-def match_one(info: NameInfo, selector: Selector) -> bool:
-    """Whether one run-time record is selected (same rules as :func:`fxcapture.resolve.match`)."""
-    from .catalogue import Catalogue
-
-    return bool(match(Catalogue([info], {}), selector))

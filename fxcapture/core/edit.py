@@ -36,11 +36,12 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
 
-from .catalogue import Catalogue, NameInfo, value_nodes
-from .resolve import Selector, _unknown_selector_error, match
-from .rewrite import protect_from_inplace, written_bases
+from .._util.tree import map_nodes, nodes
+from .aliasing import Aliasing, written_bases
+from .passes import protect_from_inplace
+from .records import Catalogue, NameInfo
+from .select import Selector, match, unknown_selector_error
 
 Edit = Union[Callable[[Any, str], Any], torch.Tensor]
 Edits = Mapping[Selector, Edit]
@@ -145,13 +146,14 @@ def resolve_edits(
         if not found:
             if callable(selector):
                 raise ValueError(f"the edit predicate {selector!r} selected no value.")
-            raise _unknown_selector_error(catalogue, selector, root, leaves)
+            raise unknown_selector_error(catalogue, selector, root, leaves)
         pairs += [(info, edit) for info in found]
     return pairs
 
 
 def _leaves_with_paths(value: Any, path: tuple = ()) -> list[tuple[tuple, fx.Node]]:
-    """Every ``fx.Node`` of a nested tuple/list/dict with its index path."""
+    """Every ``fx.Node`` of a value recorded while tracing, with its index path
+    (a field name for a dataclass: ``getattr``; an index or key otherwise)."""
     if isinstance(value, fx.Node):
         return [(path, value)]
     if isinstance(value, (tuple, list)):
@@ -212,18 +214,18 @@ def _insert_edit(
 
 
 def _protect_replacements(
-    graph: fx.Graph, parts: dict[fx.Node, fx.Node], modules: dict[str, torch.nn.Module]
+    graph: fx.Graph, replaced: dict[fx.Node, fx.Node], modules: dict[str, torch.nn.Module]
 ) -> dict[fx.Node, fx.Node]:
     """Copy a replacement that a later in-place op writes into.
 
     An edit may return a tensor it keeps (a constant, a stored activation): the
     model's own ``out += identity`` or ``relu_`` must not write into it.
     """
-    replacements = list(dict.fromkeys(parts.values()))
-    clones = protect_from_inplace(graph, replacements, modules)
+    replacements = list(dict.fromkeys(replaced.values()))
+    clones = protect_from_inplace(graph, replacements, Aliasing(graph, modules))
     for replacement, clone in clones.items():
         replacement.replace_all_uses_with(clone, delete_user_cb=lambda user: user is not clone)
-    return {orig: clones.get(new, new) for orig, new in parts.items()}
+    return {orig: clones.get(new, new) for orig, new in replaced.items()}
 
 
 def apply_edits(
@@ -244,14 +246,13 @@ def apply_edits(
     for info, edit in resolve_edits(catalogue, edits, root, leaves):
         # A value edited before (two selectors, or a module output that is also a
         # local) is edited again where it now is: edits compose in dict order.
-        value = map_aggregate(
-            info.value, lambda v: replaced.get(v, v) if isinstance(v, fx.Node) else v
-        )
-        parts = _protect_replacements(graph, _insert_edit(graph, value, edit, info.key, modules), modules)
-        for original in value_nodes(info.value):
+        value = map_nodes(lambda v: replaced.get(v, v), info.value)
+        parts = _insert_edit(graph, value, edit, info.key, modules)
+        for original in nodes(info.value):
             current = replaced.get(original, original)
             if current in parts:
                 replaced[original] = parts[current]
+    replaced = _protect_replacements(graph, replaced, modules)
     graph.lint()
     return replaced
 

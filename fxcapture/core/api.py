@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Callable, Iterable
 
 import torch
 
-from .catalogue import NameInfo
-from .extractor import Extractor, FunctionModule, make_spec, trace_with_fallback
-from .resolve import Names
+from .build import trace_with_fallback
+from .extractor import Extractor
+from .records import NameInfo
+from .select import Names, match, unknown_selector_error
+from .spec import CaptureSpec, as_module, check_concrete_args, check_leaf_paths
 
 
 def capture(
@@ -64,14 +65,19 @@ def capture(
         >>> feats["layer4"].shape
         torch.Size([2, 512, 7, 7])
     """
-    if not isinstance(model, torch.nn.Module):
-        if not callable(model):
-            raise TypeError(f"capture() needs an nn.Module or a function, got {type(model).__name__}")
-        model = FunctionModule(model)
-    spec = make_spec(
-        names, leaf_modules, autowrap_functions, concrete_args, keep_output, attention, edit,
-        fallback,
+    model = as_module(model)
+    spec = CaptureSpec(
+        names,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+        concrete_args=concrete_args,
+        keep_output=keep_output,
+        attention=attention,
+        edit=edit,
+        fallback=fallback,
     )
+    check_concrete_args(model, spec)
+    check_leaf_paths(model, spec)
     return Extractor(model, spec)
 
 
@@ -107,7 +113,11 @@ def list_names(
         key                  kind   module         op
         ...
     """
-    spec = make_spec((), leaf_modules, autowrap_functions, concrete_args)
+    model = as_module(model)
+    spec = CaptureSpec((), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                       concrete_args=concrete_args)
+    check_concrete_args(model, spec)
+    check_leaf_paths(model, spec)
     _, catalogue, untraced = trace_with_fallback(model, spec)
     if catalogue is None:
         raise ValueError(
@@ -116,11 +126,11 @@ def list_names(
             f"({untraced['']})."
         )
     kinds = set(kinds)
-    return NameTable(
-        r
-        for r in catalogue
-        if r.kind in kinds and (pattern is None or fnmatch.fnmatchcase(r.key, pattern))
-    )
+    found = catalogue.records if pattern is None else match(catalogue, pattern)
+    table = NameTable(r for r in found if r.kind in kinds)
+    if pattern is not None and not table:
+        raise unknown_selector_error(catalogue, pattern, model)
+    return table
 
 
 __all__ = ["capture", "list_names", "NameInfo", "NameTable"]

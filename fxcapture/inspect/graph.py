@@ -12,7 +12,7 @@ one edge per fx ``users`` entry. Node attributes:
 
 :func:`module_view` collapses it to one node per called module (optionally cut at a
 depth), edges following the data flow. ``nx.write_graphml`` works on both (every
-attribute is a string, an int or a bool). :func:`draw` renders either, captured
+attribute is a string, an int or a bool). :func:`fxcapture.inspect.draw.draw` renders either, captured
 values highlighted; ``fxcapture graph MODEL --names ... --out g.svg`` does it all.
 
 Example::
@@ -24,29 +24,27 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .catalogue import LOCAL, MODULE, Catalogue, value_nodes
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from .._util.tree import nodes
+from ..core.build import trace_with_fallback
+from ..core.extractor import Extractor
+from ..core.records import LOCAL, MODULE, Catalogue
+from ..core.select import resolve
+from ..core.spec import CaptureSpec
 
 
 # -- building ---------------------------------------------------------------------------
 def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any]):
     """(graph, catalogue, captured nodes, constants) of a model or an extractor."""
-    from .extractor import Extractor, make_spec, trace_with_fallback
-    from .resolve import resolve
-
     if isinstance(model, Extractor):
         if model.graph is None:
             raise ValueError(
@@ -54,11 +52,11 @@ def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any]):
                 f"untraced: {model.untraced}"
             )
         program = model._program
-        captured = {n for info in program.features.values() for n in value_nodes(info.value)}
+        captured = {n for info in program.features.values() for n in nodes(info.value)}
         return program.graph, program.catalogue, captured, model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_networkx needs an nn.Module or an Extractor, got {type(model).__name__}")
-    result, catalogue, untraced = trace_with_fallback(model, make_spec((), leaf_modules))
+    result, catalogue, untraced = trace_with_fallback(model, CaptureSpec((), leaf_modules=leaf_modules))
     if result is None:
         raise ValueError(
             f"torch.fx cannot trace this model ({untraced.get('')}); there is no graph to show"
@@ -66,7 +64,7 @@ def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any]):
     captured: set[fx.Node] = set()
     if names:
         features = resolve(catalogue, names, model, result.leaf_paths)
-        captured = {n for info in features.values() for n in value_nodes(info.value)}
+        captured = {n for info in features.values() for n in nodes(info.value)}
     return result.graph, catalogue, captured, _AttrSource(model, result.constants)
 
 
@@ -240,130 +238,4 @@ def _owner(name: str, data: dict, modules: set[str], depth: int | None) -> tuple
 
 
 # -- drawing ----------------------------------------------------------------------------
-def _layers(g: nx.DiGraph) -> dict[Any, int]:
-    """Longest-path depth of every node from the inputs, along edges that go forward in
-    execution order (a module called twice makes cycles in the module view)."""
-    order = {n: d.get("order", i) for i, (n, d) in enumerate(g.nodes(data=True))}
-    depth: dict[Any, int] = {}
-    for node in sorted(g, key=order.__getitem__):
-        earlier = [p for p in g.predecessors(node) if order[p] < order[node]]
-        depth[node] = max((depth[p] + 1 for p in earlier), default=0)
-    return depth
-
-
-def _label(node: str, data: dict, module_level: bool) -> str:
-    if module_level:
-        name = node if node.count(".") < 3 else "..." + ".".join(node.split(".")[-2:])
-        return f"{name}\n{data['shape']}" if data.get("shape") else name
-    name = data.get("locals") or data.get("module_output") or node
-    name = name.split(", ")[0]
-    return f"{name}\n{data['shape']}" if data.get("shape") else name
-
-
-def draw(
-    g: nx.DiGraph,
-    *,
-    title: str | None = None,
-    max_nodes: int = 400,
-    dpi: int = 100,
-    save: str | Path | None = None,
-) -> "Figure":
-    """Draw a graph from :func:`to_networkx` or :func:`module_view`, top to bottom.
-
-    Captured nodes are red with their names; the others are small grey dots (a label
-    on every op of a big graph is unreadable: use :func:`module_view` for an overview).
-
-    Example::
-
-        >>> draw(module_view(to_networkx(model, names="layer4"), depth=2), save="g.svg")
-    """
-    from .viz import _figure, _save
-
-    if g.number_of_nodes() > max_nodes:
-        raise ValueError(
-            f"{g.number_of_nodes()} nodes is too many to draw legibly (max_nodes={max_nodes}); "
-            "draw module_view(graph, depth=...) instead (fxcapture graph --view module --depth N)"
-        )
-    module_level = "ops" in next(iter(g.nodes.values()), {})  # a module_view
-    if module_level:  # containers without ops of their own add nothing to the picture
-        g = g.subgraph([n for n, d in g.nodes(data=True) if d["ops"] or g.degree(n)])
-    depth = _layers(g)
-    for node, d in depth.items():
-        g.nodes[node]["_layer"] = d
-    pos = nx.multipartite_layout(g, subset_key="_layer", align="horizontal", scale=1.0)
-    for node in g:
-        del g.nodes[node]["_layer"]
-    pos = {n: (x, -y) for n, (x, y) in pos.items()}  # inputs at the top
-    n_layers = max(depth.values(), default=0) + 1
-    widest = max(sum(1 for d in depth.values() if d == k) for k in range(n_layers)) if depth else 1
-    fig = _figure(figsize=(min(4 + 1.6 * widest, 30), min(2 + 0.45 * n_layers, 120)), dpi=dpi)
-    ax = fig.subplots()
-    captured = [n for n, d in g.nodes(data=True) if d.get("captured")]
-    others = [n for n in g if n not in set(captured)]
-    nx.draw_networkx_edges(g, pos, ax=ax, edge_color="#9a9a9a", arrows=True, arrowsize=6, width=0.7,
-                           node_size=60)  # fmt: skip
-    plain_size = 260 if module_level else 25
-    nx.draw_networkx_nodes(g, pos, nodelist=others, ax=ax, node_color="#a6c8e0", node_size=plain_size,
-                           edgecolors="#4a6f8a", linewidths=0.5)  # fmt: skip
-    nx.draw_networkx_nodes(g, pos, nodelist=captured, ax=ax, node_color="#e0413a", node_size=120,
-                           edgecolors="black", linewidths=1.0)  # fmt: skip
-    labelled = g.nodes if module_level or len(g) <= 150 else captured
-    labels = {n: _label(n, g.nodes[n], module_level) for n in labelled}
-    xs = [x for x, _ in pos.values()]
-    span = (max(xs) - min(xs)) or 1.0
-    label_pos = {n: (x + 0.025 * span, y) for n, (x, y) in pos.items()}  # beside the marker
-    ax.set_xlim(min(xs) - 0.1 * span, max(xs) + 0.4 * span)  # room for the labels
-    nx.draw_networkx_labels(g, label_pos, labels=labels, ax=ax, font_size=7,
-                            horizontalalignment="left", verticalalignment="center")  # fmt: skip
-    from matplotlib.lines import Line2D
-
-    ax.legend(handles=[
-        Line2D([], [], marker="o", ls="", color="#e0413a", markeredgecolor="black", label=f"captured ({len(captured)})"),
-        Line2D([], [], marker="o", ls="", color="#a6c8e0", label="module" if module_level else "op"),
-    ], loc="upper right", fontsize=8)  # fmt: skip
-    ax.set_axis_off()
-    kind = "modules" if module_level else "ops"
-    fig.suptitle(title or f"{g.graph.get('name', 'model')}: {g.number_of_nodes()} {kind}, data flows downwards")
-    _save(fig, save, dpi)
-    return fig
-
-
-# -- `fxcapture graph MODEL` -------------------------------------------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("model", help="SOURCE:NAME, e.g. torchvision:resnet18, timm:vit_small_patch16_224, demo:vit")
-    parser.add_argument("--names", nargs="*", default=[], help="selectors to highlight, e.g. layer4 attn")
-    parser.add_argument("--out", default="graph.svg", help="drawing to write (.svg, .png, .pdf; default graph.svg)")
-    parser.add_argument("--view", choices=["module", "node"], default="module",
-                        help="one node per called module (default) or per fx op")  # fmt: skip
-    parser.add_argument("--depth", type=int, default=None,
-                        help="module view: cut module paths after this many components (default: fit ~80 nodes)")  # fmt: skip
-    parser.add_argument("--graphml", default=None, help="also write the graph as GraphML to this file")
-    parser.add_argument("--no-shapes", action="store_true", help="skip running an example input for shapes")
-
-
-def _auto_depth(g: nx.DiGraph, limit: int = 80) -> int | None:
-    for depth in range(1, 12):
-        if module_view(g, depth).number_of_nodes() > limit:
-            return max(depth - 1, 1)
-    return None
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .models import build_model, example_input
-
-    model = build_model(args.model)
-    example = None if args.no_shapes else example_input(model)
-    g = to_networkx(model, example, names=args.names or None)
-    if args.view == "module":
-        depth = args.depth if args.depth is not None else _auto_depth(g)
-        g = module_view(g, depth)
-    if args.graphml:
-        nx.write_graphml(g, args.graphml)
-        print(f"wrote {args.graphml}")
-    draw(g, save=args.out, title=f"{args.model} ({args.view} view), captured: {', '.join(args.names) or 'none'}")
-    captured = sum(1 for _, d in g.nodes(data=True) if d["captured"])
-    print(f"wrote {args.out}: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges, {captured} captured")
-    return 0
-
-
-__all__ = ["draw", "module_view", "to_networkx"]
+__all__ = ["module_view", "to_networkx"]

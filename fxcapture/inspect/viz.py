@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .storage import atomic_file
+from .._util.atomic import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

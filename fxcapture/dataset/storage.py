@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .._util.atomic import atomic_file
+
 FORMAT = "fxcapture.features"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,28 +73,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """A short stable hash of a JSON-able configuration."""
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; once the block has written it, it is
-    fsynced and renamed onto ``path``. A crash or Ctrl-C leaves the old file (or none),
-    never a half-written one.
-
-    Example::
-
-        >>> with atomic_file("out/model.pt") as tmp:
-        ...     torch.save(obj, tmp)
-    """
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -1,0 +1,243 @@
+"""Build a program: trace, make the records, select, run the passes.
+
+:func:`build_program` turns a model and a :class:`~.spec.CaptureSpec` into a
+:class:`Program`: an ``fx.GraphModule`` returning ``(output, {key: value})`` plus, for
+code that no tracer can follow, a :class:`~.runtime.RuntimeCapture`.
+
+Example::
+
+    >>> program = build_program(model, CaptureSpec(["layer4"]))
+    >>> out, feats = program.module(images)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .._util.tree import nodes
+from .aliasing import Aliasing
+from .attention import expose_attention_weights
+from .edit import apply_edits
+from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
+from .records import Catalogue, NameInfo, build_catalogue
+from .runtime import RuntimeCapture
+from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error
+from .spec import INPUT, CaptureSpec, FunctionModule, TraceFailure, constant_defaults
+from .trace import CaptureTracer, TraceResult
+
+
+@dataclass
+class Program:
+    """One graph (or the eager model) of an extractor, and what it returns."""
+
+    module: torch.nn.Module | None  # fx.GraphModule returning (output, {key: value})
+    features: dict[str, NameInfo]
+    catalogue: Catalogue | None
+    tracer: str  # "symbolic", "running" or "run time"
+    cloned: set[str] = field(default_factory=set)  # keys copied before an in-place op
+    runtime: RuntimeCapture | None = None  # captures inside untraced regions
+    untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
+
+    @property
+    def graph(self) -> fx.Graph | None:
+        return self.module.graph if isinstance(self.module, fx.GraphModule) else None
+
+    @property
+    def code(self) -> str:
+        return self.module.code if isinstance(self.module, fx.GraphModule) else ""
+
+
+def concrete_args(model: torch.nn.Module, spec: CaptureSpec) -> dict:
+    """Fix ``forward`` arguments whose default is a constant (``mask=None``, ``flag=False``).
+
+    fx would otherwise turn them into graph inputs and trace ``if mask is not None``
+    down the wrong branch. A call that passes another value gets its own graph
+    (``spec.specialization``); fx asserts at run time that fixed arguments hold.
+    """
+    concrete = dict(constant_defaults(model)[1])
+    concrete.update(spec.concrete_args or {})
+    for name, value in spec.specialization:
+        if value == INPUT:
+            concrete.pop(name, None)
+        else:
+            concrete[name] = value
+    return concrete
+
+
+def trace_symbolic(
+    model: torch.nn.Module, spec: CaptureSpec, extra_leaves: Iterable[str] = ()
+) -> tuple[TraceResult, Catalogue]:
+    """Trace ``model`` with torch.fx (a plain function held by ``FunctionModule`` too)."""
+    tracer = CaptureTracer(tuple(spec.leaf_modules) + tuple(extra_leaves), spec.autowrap_functions)
+    try:
+        root = model.fn if isinstance(model, FunctionModule) else model
+        result = tracer.trace_model(root, concrete_args(model, spec))
+    except Exception as err:
+        err.fxcapture_failed_module = tracer.failed_module  # type: ignore[attr-defined]
+        raise
+    if spec.attention is not None:
+        expose_attention_weights(result, model, mode=spec.attention)
+    return result, build_catalogue(result, model)
+
+
+def first_line(err: BaseException) -> str:
+    """``"TypeError: first line of the message"``."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def trace_with_fallback(
+    model: torch.nn.Module, spec: CaptureSpec
+) -> tuple[TraceResult | None, Catalogue | None, dict[str, str]]:
+    """Trace as much as fx can; return the modules that must run eagerly, with why.
+
+    Each failure names the innermost module being traced; it becomes a leaf and the
+    trace is retried. A failure outside every submodule leaves the whole model eager.
+    """
+    if spec.fallback == "always":
+        return None, None, {"": "fallback='always'"}
+    untraced: dict[str, str] = {}
+    while True:
+        try:
+            result, catalogue = trace_symbolic(model, spec, untraced)
+            return result, catalogue, untraced
+        except Exception as err:
+            failed = getattr(err, "fxcapture_failed_module", None)
+            if spec.fallback == "never":
+                raise _trace_failure(model, failed, err) from err
+            if not failed or failed in untraced:
+                return None, None, {"": first_line(err)}
+            untraced[failed] = first_line(err)
+
+
+def _trace_failure(model: torch.nn.Module, failed: str | None, err: BaseException) -> TraceFailure:
+    where = (
+        f"module {failed!r} ({type(model.get_submodule(failed)).__name__})"
+        if failed
+        else "the model's own forward"
+    )
+    leaf_hint = f"leaf_modules=[{failed!r}] to run it as one op, " if failed else ""
+    return TraceFailure(
+        f"torch.fx could not trace {where}: {first_line(err)}. Pass "
+        f"{leaf_hint}concrete_args= to fix arguments that steer Python control "
+        "flow, or fallback='auto' to capture the untraceable part at run time."
+    )
+
+
+def _is_exact(selector: Any) -> bool:
+    return isinstance(selector, str) and not is_glob(selector) and (
+        ":" in selector or "." in selector or "%" in selector
+    )
+
+
+class EagerModel(torch.nn.Module):
+    """The model run as it is, returning ``(output or None, {})``: the program of a
+    model that no tracer follows (its values come from run-time capture)."""
+
+    def __init__(self, model: torch.nn.Module, keep_output: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a child: no second state_dict
+        self.keep_output = keep_output
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+        out = self.model(*args, **kwargs)
+        return (out if self.keep_output else None), {}
+
+
+def graph_module(model: torch.nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """An ``fx.GraphModule`` running ``graph`` on the model's own submodules and tensors.
+
+    fx copies each attribute the graph reads from the root (the very objects, not
+    copies); tensors the trace met outside the model come from ``constants``.
+    """
+    root = torch.nn.Module()
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        head = node.target.split(".")[0]
+        if head in root._modules or head in root.__dict__ or hasattr(root, head):
+            continue
+        value = constants[head] if head in constants else getattr(model, head)
+        if isinstance(value, torch.nn.Module):
+            root.add_module(head, value)
+        elif isinstance(value, torch.nn.Parameter):
+            root.register_parameter(head, value)
+        elif isinstance(value, torch.Tensor):
+            root.register_buffer(head, value, persistent=False)
+        else:
+            setattr(root, head, value)
+    return fx.GraphModule(root, graph, class_name="Extracted")
+
+
+def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
+    """Trace ``model``, resolve ``spec.names`` and rewrite the graph to return them."""
+    result, catalogue, untraced = trace_with_fallback(model, spec)
+    return program_from_trace(model, spec, result, catalogue, untraced, "symbolic")
+
+
+def program_from_trace(
+    model: torch.nn.Module,
+    spec: CaptureSpec,
+    result: TraceResult | None,
+    catalogue: Catalogue | None,
+    untraced: dict[str, str],
+    tracer: str,
+) -> Program:
+    """Select ``spec.names`` in a trace and make the program returning them."""
+    pairs = selector_pairs(spec.names)
+    edits = dict(spec.edit or {})
+    if result is None:  # nothing traced: everything is captured at run time
+        runtime = RuntimeCapture(model, untraced, pairs, edits, attention=spec.attention)
+        return Program(EagerModel(model, spec.keep_output), {}, None, "run time", runtime=runtime, untraced=untraced)
+
+    graph_pairs, runtime_pairs = SelectorPairs(), []
+    for alias, selector in pairs:
+        found = match(catalogue, selector)
+        if found:
+            graph_pairs.append((alias, selector))
+        if untraced and (not found or not _is_exact(selector)):
+            runtime_pairs.append((alias, selector))
+        elif not found:
+            raise unknown_selector_error(catalogue, selector, model, result.leaf_paths)
+    features = resolve(catalogue, graph_pairs, model, result.leaf_paths)
+    graph_edits = {s: fn for s, fn in edits.items() if match(catalogue, s)}
+    runtime_edits = {s: fn for s, fn in edits.items() if s not in graph_edits}
+    if runtime_edits and not untraced:
+        unknown = next(iter(runtime_edits))
+        raise unknown_selector_error(catalogue, unknown, model, result.leaf_paths)
+
+    graph = result.graph
+    modules = dict(model.named_modules())
+    edited: dict[fx.Node, fx.Node] = {}
+    if graph_edits:
+        # {original node: replacement}; downstream nodes already use the replacement
+        edited = apply_edits(graph, catalogue, graph_edits, model, result.leaf_paths)
+    values = {key: substitute(info.value, edited) for key, info in features.items()}
+    captured = [n for value in values.values() for n in nodes(value)]
+    aliasing = Aliasing(graph, modules)
+    clones = protect_from_inplace(graph, captured, aliasing)
+    outputs = {key: substitute(value, clones) for key, value in values.items()}
+    add_feature_outputs(graph, outputs, keep_output=spec.keep_output)
+    if not spec.keep_output:
+        prune(graph, aliasing)
+    graph.lint()
+    runtime = None
+    if runtime_pairs or runtime_edits:
+        in_graph = [sel for _, sel in graph_pairs]
+        runtime = RuntimeCapture(
+            model, untraced, runtime_pairs, runtime_edits, set(features), optional=in_graph,
+            attention=spec.attention,
+        )
+    return Program(
+        module=graph_module(model, graph, result.constants),
+        features=features,
+        catalogue=catalogue,
+        tracer=tracer,
+        cloned={k for k, v in values.items() if set(nodes(v)) & set(clones)},
+        runtime=runtime,
+        untraced=untraced,
+    )

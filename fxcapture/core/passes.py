@@ -1,0 +1,94 @@
+"""Graph passes that turn a traced model into an extractor.
+
+Each pass takes the ``fx.Graph`` (and the graph's :class:`~.aliasing.Aliasing` where
+in-place ops matter) and changes it in place, like ``torch.fx.passes``:
+
+* :func:`protect_from_inplace` clones a captured value only if a later in-place
+  op (``relu_``, ``nn.ReLU(inplace=True)``, ``x[i] = v``, ``out=``) writes into it
+  or into a view of it; otherwise captured tensors are returned without a copy.
+* :func:`add_feature_outputs` makes the graph return ``(output, {key: value})``.
+* :func:`prune` drops everything the new outputs do not need.
+
+Example::
+
+    >>> aliasing = Aliasing(graph, modules)
+    >>> clones = protect_from_inplace(graph, [node], aliasing)
+    >>> add_feature_outputs(graph, {"layer1": clones.get(node, node)})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .aliasing import Aliasing
+from .._util.tree import map_nodes
+
+
+def protect_from_inplace(
+    graph: fx.Graph, captured: list[fx.Node], aliasing: Aliasing
+) -> dict[fx.Node, fx.Node]:
+    """Clone each captured node that a later in-place op overwrites.
+
+    Returns ``{captured node: clone node}`` for the nodes that needed a copy.
+    """
+    if not aliasing.writes:
+        return {}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    clones: dict[fx.Node, fx.Node] = {}
+    for node in dict.fromkeys(captured):
+        if aliasing.overwritten_after(node, order):
+            with graph.inserting_after(node):
+                clones[node] = graph.call_function(torch.clone, (node,))
+    return clones
+
+
+def add_feature_outputs(
+    graph: fx.Graph, features: dict[str, Any], keep_output: bool = True
+) -> None:
+    """Make ``graph`` return ``(original output or None, {key: value})``."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    original = output.args[0] if keep_output else None
+    output.args = ((original, dict(features)),)
+    output.type = None
+
+
+def substitute(value: Any, replacements: dict[fx.Node, fx.Node]) -> Any:
+    """``value`` with each node replaced by ``replacements[node]`` where there is one."""
+    return map_nodes(lambda v: replacements.get(v, v), value)
+
+
+def prune(graph: fx.Graph, aliasing: Aliasing) -> None:
+    """Remove every node the outputs do not need.
+
+    An in-place op is needed when it writes into memory that a needed node shares
+    (fx's own dead-code elimination would drop ``x.relu_()`` whose result is unused).
+    """
+    live: set[fx.Node] = set()
+
+    def keep(node: fx.Node) -> None:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(n.all_input_nodes)
+
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output") or (
+            node.op == "call_function" and node.is_impure()
+        ):
+            keep(node)
+    grew = True
+    while grew:
+        grew = False
+        for op, target in aliasing.writes:
+            if op not in live and live & aliasing.group(target):
+                keep(op)
+                grew = True
+    for node in reversed(graph.nodes):
+        if node not in live:
+            graph.erase_node(node)
+    graph.lint()

@@ -1,0 +1,244 @@
+"""Stage 3: match the user's selectors against the catalogue.
+
+Selectors (see :func:`fxcapture.capture`):
+
+* a module path, ``"layer4"`` (every call of the module, ``"layer4@1"`` for one);
+* a qualified local, ``"blocks.3.attn:attn"``, or a bare local name, ``"attn"``
+  (that local in every module that has it);
+* a graph node, ``"%add_3"`` (or ``"add_3"`` when no module or local has that name);
+* a glob over keys: ``*`` and ``?`` within one component of the key (never across
+  ``.``, ``:`` or ``@``), ``**`` across them: ``"blocks.*"`` (the blocks),
+  ``"blocks.*.attn:attn"``, ``"layer?"``, ``"blocks.**:attn"``;
+* a callable ``predicate(info: NameInfo) -> bool``.
+
+Example::
+
+    >>> resolve(catalogue, {"a": "attn"})  # -> {"a@0": info, "a@1": info, ...}
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+
+from .records import LOCAL, NODE, Catalogue, NameInfo
+
+PROBS_NAMES = ("attn_probs", "attn_probs_mean")
+
+Selector = Union[str, Callable[[NameInfo], bool]]
+Names = Union[Selector, Sequence[Selector], Mapping[str, Selector]]
+
+_GLOB_CHARS = set("*?[")
+# a selector asking for attention probabilities: hint at fused attention when missing
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+class SelectorPairs(list):
+    """An already split ``[(alias, selector)]`` list (see :func:`selector_pairs`)."""
+
+
+def is_glob(selector: Any) -> bool:
+    """Is ``selector`` a glob pattern (``*``, ``**``, ``?``, ``[...]``)?"""
+    return isinstance(selector, str) and any(c in _GLOB_CHARS for c in selector)
+
+
+@functools.lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern:
+    """A shell-style glob over keys as a regex: ``*`` and ``?`` stay within one
+    component (they never cross ``.``, ``:`` or ``@``), ``**`` crosses them.
+
+    Example::
+
+        >>> bool(glob_regex("blocks.*").match("blocks.3"))
+        True
+        >>> bool(glob_regex("blocks.*").match("blocks.3.attn"))
+        False
+        >>> bool(glob_regex("blocks.**").match("blocks.3.attn:attn"))
+        True
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.:@]*")
+        elif c == "?":
+            out.append(r"[^.:@]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob_match(pattern: str, key: str) -> bool:
+    """Does the key match the glob (see :func:`glob_regex`)?"""
+    return glob_regex(pattern).match(key) is not None
+
+
+def match_record(info: NameInfo, selector: Selector, catalogue: Catalogue | None = None) -> bool:
+    """Does ``selector`` select one record (the rules of :func:`match`)?"""
+    if callable(selector):
+        return bool(selector(info))
+    if not isinstance(selector, str):
+        raise TypeError(f"a selector must be a string or a callable, got {selector!r}")
+    aliases = catalogue.aliases if catalogue is not None else {}
+    if "@" in selector and selector == info.key:
+        return True
+    base = aliases.get(selector, selector)
+    if base == info.base:
+        return True
+    if is_glob(selector):
+        if info.kind == NODE and not selector.startswith("%"):
+            return False
+        bare = not any(c in selector for c in ".:%")
+        return glob_match(selector, info.base) or (
+            bare and info.kind == LOCAL and glob_match(selector, info.variable)
+        )
+    if ":" not in selector and "." not in selector:
+        return (info.kind == LOCAL and info.variable == selector) or (
+            info.kind == NODE and info.key == f"%{selector}"
+        )
+    return False
+
+
+def match(catalogue: Catalogue, selector: Selector) -> list[NameInfo]:
+    """All records a single selector selects, in execution order.
+
+    A bare name (``"attn"``) selects that local in every module; when no local has
+    the name, the graph node ``%attn``. A key with ``@i`` selects one call.
+    """
+    if callable(selector):
+        return [r for r in catalogue if selector(r)]
+    if not isinstance(selector, str):
+        raise TypeError(f"a selector must be a string or a callable, got {selector!r}")
+    if selector in catalogue.by_key and "@" in selector:
+        return [catalogue.by_key[selector]]
+    base = catalogue.aliases.get(selector, selector)
+    if base in catalogue.by_base:
+        return list(catalogue.by_base[base])
+    found = [r for r in catalogue if match_record(r, selector, catalogue)]
+    if not is_glob(selector) and ":" not in selector and "." not in selector:
+        locals_ = [r for r in found if r.kind == LOCAL]
+        return locals_ or found
+    return found
+
+
+def _attention_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module | None) -> str:
+    if not any(word in selector for word in _ATTENTION_WORDS) or selector.endswith(PROBS_NAMES):
+        return ""
+    fused = any(r.kind == NODE and "scaled_dot_product_attention" in r.op for r in catalogue)
+    if root is not None:
+        fused = fused or any(isinstance(m, torch.nn.MultiheadAttention) for m in root.modules())
+    if not fused:
+        return ""
+    return (
+        " The model computes attention with a fused kernel (F.scaled_dot_product_attention "
+        "or nn.MultiheadAttention), so the attention map never exists as a tensor: capture "
+        "'attn_probs' instead (the probabilities of every attention layer), or pass "
+        "attention='weights'."
+    )
+
+
+def unknown_selector_error(
+    catalogue: Catalogue,
+    selector: Selector,
+    root: torch.nn.Module | None = None,
+    leaves: set[str] = frozenset(),
+    how_to_list: str = "fxcapture.list_names(model)",
+) -> ValueError:
+    """A ``ValueError`` saying why ``selector`` selects nothing, with close keys."""
+    if callable(selector):
+        return ValueError(
+            f"the predicate {selector!r} selected no value; "
+            f"use {how_to_list} to see what there is."
+        )
+    hint = ""
+    if root is not None and not is_glob(selector):
+        path = selector.partition(":")[0].partition("@")[0]
+        modules = dict(root.named_modules())
+        inside = [leaf for leaf in leaves if leaf and path.startswith(leaf + ".")]
+        if inside:
+            hint = (
+                f" '{path}' is inside '{inside[0]}', which runs as one op (a leaf module): "
+                f"capture '{inside[0]}' instead, or leave it out of leaf_modules."
+            )
+        elif path in modules and ":" not in selector:
+            hint = (
+                f" The module '{path}' exists but did not run on this input "
+                "(its forward was not called)."
+            )
+        hint += _attention_hint(selector, catalogue, root)
+    elif isinstance(selector, str):
+        hint = _attention_hint(selector, catalogue, root)
+    candidates = {r.base for r in catalogue if r.kind != NODE}
+    candidates |= {r.variable for r in catalogue if r.kind == LOCAL}
+    candidates |= {r.key for r in catalogue if r.kind == NODE}
+    candidates |= set(catalogue.aliases)
+    close = difflib.get_close_matches(selector, sorted(candidates), n=5, cutoff=0.6)
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    what = "matches nothing" if is_glob(selector) else "is not a capturable name"
+    return ValueError(
+        f"{selector!r} {what}.{hint}{suggestion} "
+        f"Use {how_to_list} to list all {len(catalogue)} names "
+        "(module paths, 'module:local' variables and '%node' graph nodes)."
+    )
+
+
+def selector_pairs(names: Names) -> list[tuple[str | None, Selector]]:
+    """``names`` as a list of ``(alias or None, selector)``."""
+    if isinstance(names, str) or callable(names):
+        return [(None, names)]
+    if isinstance(names, Mapping):
+        return [(str(alias), sel) for alias, sel in names.items()]
+    if isinstance(names, Sequence):
+        return [(None, sel) for sel in names]
+    raise TypeError(
+        f"names must be a string, a list of selectors or a dict {{alias: selector}}, got {names!r}"
+    )
+
+
+def resolve(
+    catalogue: Catalogue,
+    names: Names,
+    root: torch.nn.Module | None = None,
+    leaves: set[str] = frozenset(),
+) -> dict[str, NameInfo]:
+    """Map each output key to the record it captures.
+
+    Plain selectors give canonical keys; for ``{alias: selector}`` the key is the
+    alias, or ``alias@i`` when the selector matches several values. Keys come in
+    execution order, whatever the order of the selectors.
+    """
+    pairs = names if isinstance(names, SelectorPairs) else selector_pairs(names)
+    resolved: dict[str, NameInfo] = {}
+    for alias, selector in pairs:
+        found = match(catalogue, selector)
+        if not found:
+            raise unknown_selector_error(catalogue, selector, root, leaves)
+        if alias is None:
+            for r in found:
+                resolved.setdefault(r.key, r)
+        elif len(found) == 1:
+            resolved[alias] = found[0]
+        else:
+            for i, r in enumerate(found):
+                resolved[f"{alias}@{i}"] = r
+    position = {r.key: i for i, r in enumerate(catalogue)}  # execution order
+    return dict(sorted(resolved.items(), key=lambda item: position[item[1].key]))

@@ -1,0 +1,159 @@
+"""What :func:`fxcapture.capture` is asked for, in one frozen value.
+
+:class:`CaptureSpec` is the single description of a capture request: the public
+functions build one and every stage reads it. A spec checks its own options, so
+that a bad option fails at once with a message naming it.
+
+Example::
+
+    >>> spec = CaptureSpec(["attn", "layer4"], leaf_modules=[MyBlock])
+    >>> spec.with_names(["layer1"]).names
+    ['layer1']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .attention import check_mode
+from .select import Names
+
+FALLBACKS = ("auto", "never", "always")
+INPUT = "<graph input>"  # an optional argument given a tensor: a graph input, not a constant
+
+
+class CaptureError(ValueError):
+    """A capture request that cannot be met as asked; the message says what to change."""
+
+
+class TraceFailure(RuntimeError):
+    """torch.fx could not trace the model and ``fallback="never"`` was asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureSpec:
+    """Everything :func:`fxcapture.capture` was asked for, to trace again on demand.
+
+    See :func:`fxcapture.capture` for the meaning of each field.
+    """
+
+    names: Names
+    leaf_modules: tuple = ()
+    autowrap_functions: tuple = ()
+    concrete_args: dict[str, Any] | None = None
+    keep_output: bool = True
+    attention: str | None = None  # "weights": decompose fused attention (core.attention)
+    edit: Any = None  # {selector: fn(value, key)} (core.edit)
+    fallback: str = "auto"
+    # per call pattern: ((name, value) or (name, INPUT)) for optional arguments that a
+    # call gives a value other than their default (see Extractor._specialization)
+    specialization: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        object.__setattr__(self, "autowrap_functions", tuple(self.autowrap_functions))
+        if self.fallback not in FALLBACKS:
+            raise CaptureError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.attention is not None:
+            check_mode(self.attention)
+        for leaf in self.leaf_modules:
+            if not isinstance(leaf, (type, str)):
+                raise CaptureError(
+                    f"leaf_modules entries must be module classes or module paths, got {leaf!r}"
+                )
+        for fn in self.autowrap_functions:
+            if not callable(fn):
+                raise CaptureError(f"autowrap_functions entries must be functions, got {fn!r}")
+        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
+            raise CaptureError(
+                f"concrete_args must be a dict {{argument name: value}}, got {self.concrete_args!r}"
+            )
+        if self.edit is not None and not isinstance(self.edit, Mapping):
+            raise CaptureError(
+                "edit must be a dict {selector: fn(value, key) or tensor}, "
+                f"got {type(self.edit).__name__}"
+            )
+
+    def replace(self, **changes: Any) -> "CaptureSpec":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+class FunctionModule(torch.nn.Module):
+    """Holds a plain function so that it can be captured like a model."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def as_module(model: Any) -> torch.nn.Module:
+    """``model`` itself, or a :class:`FunctionModule` holding a plain function."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    if callable(model):
+        return FunctionModule(model)
+    raise TypeError(f"capture() needs an nn.Module or a function, got {type(model).__name__}")
+
+
+def forward_function(model: torch.nn.Module) -> Callable:
+    """The function whose signature and code a trace follows."""
+    return model.fn if isinstance(model, FunctionModule) else model.forward
+
+
+def constant_defaults(model: torch.nn.Module) -> tuple[list[str], dict[str, Any]]:
+    """``forward``'s positional parameter names, and those with a constant default.
+
+    Returns ``([], {})`` for a forward with ``*args``/``**kwargs`` or keyword-only
+    parameters (fx cannot bind those by name anyway).
+    """
+    try:
+        parameters = list(inspect.signature(forward_function(model)).parameters.values())
+    except (TypeError, ValueError):
+        return [], {}
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return [], {}
+    defaults = {
+        p.name: p.default
+        for p in parameters
+        if p.default is not p.empty
+        and (p.default is None or type(p.default) in (bool, int, float, str))
+    }
+    return [p.name for p in parameters], defaults
+
+
+def check_concrete_args(model: torch.nn.Module, spec: CaptureSpec) -> None:
+    """Every ``concrete_args`` entry must name a parameter of ``forward``."""
+    if not spec.concrete_args:
+        return
+    try:
+        known = set(inspect.signature(forward_function(model)).parameters)
+    except (TypeError, ValueError):
+        return
+    unknown = sorted(set(spec.concrete_args) - known)
+    if unknown:
+        raise CaptureError(
+            f"concrete_args names {unknown}, which forward() does not take; "
+            f"its parameters are {sorted(known)}"
+        )
+
+
+def check_leaf_paths(model: torch.nn.Module, spec: CaptureSpec) -> None:
+    """Every ``leaf_modules`` path must name a submodule of the model."""
+    paths = [leaf for leaf in spec.leaf_modules if isinstance(leaf, str)]
+    if not paths:
+        return
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path not in modules:
+            close = difflib.get_close_matches(path, list(modules), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise CaptureError(f"leaf_modules names {path!r}, which is not a submodule of the model.{hint}")
