@@ -252,7 +252,7 @@ def test_grad_cam_example(resnet18, image):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "grad_cam.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "grad_cam.py"
     spec = importlib.util.spec_from_file_location("grad_cam_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -17,7 +17,7 @@ import fxcapture
 from fxcapture import cli
 from fxcapture.dataset.distributed import Group
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shards_are_contiguous_batch_aligned_and_cover_everything():

@@ -241,7 +241,7 @@ def test_the_example_finds_the_copied_position(capsys):
     import runpy
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "examples" / "activation_patching.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "activation_patching.py"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: extra threads only contend on a busy machine
     try:

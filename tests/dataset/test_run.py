@@ -28,7 +28,7 @@ from fxcapture.dataset.sources import SyntheticImages
 from fxcapture.cli.models import TinyViT, build_model
 from fxcapture.dataset.storage import UnfinishedOutputError, complete_chunks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
