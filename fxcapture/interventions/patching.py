@@ -22,7 +22,7 @@ of "denoising").
 
 Example::
 
-    >>> from fxcapture.patching import patch
+    >>> from fxcapture import patch
     >>> result = patch(model, "blocks.*", clean_images, corrupted_images)
     >>> result.patched["blocks.2"]            # output of the corrupted run, blocks.2 patched
     >>> logit = lambda out: out[:, label].mean()
@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .._util.tree import all_leaves, first_leaf, leaves, tree_map
 from ..core.api import capture
 from ..core.select import Names
 
@@ -99,63 +100,41 @@ def _call_args(inputs: Any) -> tuple[tuple, dict]:
     return (inputs,), {}
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    tensors = _tensors(list(args) + list(kwargs.values()))
-    return tensors[0].shape[0] if tensors and tensors[0].dim() else None
+    first = first_leaf((args, kwargs))
+    return first.shape[0] if first is not None and first.dim() else None
 
 
 def _repeat(value: Any, n: int, batch: int) -> Any:
     """``value`` with every tensor whose dimension 0 is the batch repeated ``n`` times."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() and value.shape[0] == batch:
-            return value.repeat(n, *([1] * (value.dim() - 1)))
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_repeat(v, n, batch) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _repeat(v, n, batch) for k, v in value.items()}
-    return value
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] == batch:
+            return t.repeat(n, *([1] * (t.dim() - 1)))
+        return t
+
+    return tree_map(repeat, value)
 
 
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _rebuild(like: Mapping, items: dict) -> Any:
-    try:
-        return type(like)(**items)
-    except Exception:
-        return items
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))
 
 
 def _slice_output(value: Any, part: slice, total: int) -> Any:
     """The rows ``part`` of every tensor of a stacked output (batch ``total``)."""
-    if isinstance(value, torch.Tensor):
-        if not value.dim() or value.shape[0] != total:
-            raise _NotStackable(f"an output tensor of shape {tuple(value.shape)}")
-        return value[part]
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_slice_output(v, part, total) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice_output(v, part, total) for v in value)
-    if isinstance(value, Mapping):
-        return _rebuild(value, {k: _slice_output(v, part, total) for k, v in value.items()})
-    if isinstance(value, _PLAIN):
-        return value
-    raise _NotStackable(f"an output of type {type(value).__name__}")
+    for leaf in all_leaves(value):
+        if not isinstance(leaf, _PLAIN):  # e.g. a cache object: cannot be split
+            raise _NotStackable(f"an output of type {type(leaf).__name__}")
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        if not t.dim() or t.shape[0] != total:
+            raise _NotStackable(f"an output tensor of shape {tuple(t.shape)}")
+        return t[part]
+
+    return tree_map(rows, value)
 
 
 def _close(a: Any, b: Any) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = leaves(a), leaves(b)
     if len(ta) != len(tb):
         return False
     for x, y in zip(ta, tb):
@@ -201,13 +180,9 @@ class _Patcher:
         return self._patch(self.clean[key], value, part, key)
 
     def _patch(self, clean: Any, value: Any, part: slice, key: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._patch_tensor(clean, value, part, key)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._patch(c, v, part, key) for c, v in zip(clean, value))
-        if isinstance(value, Mapping):
-            return {k: self._patch(clean[k], v, part, key) for k, v in value.items()}
-        return value
+        # the clean and the corrupted value have the same structure: pair their tensors
+        clean_tensors = iter(leaves(clean))
+        return tree_map(lambda v: self._patch_tensor(next(clean_tensors), v, part, key), value)
 
     def _patch_tensor(self, clean: torch.Tensor, value: torch.Tensor, part: slice, key: str):
         if not self.total:

@@ -1,16 +1,18 @@
-"""fxcapture.patching.patch against references built from forward hooks and the model's
-own modules: clean values recorded by one hook, put into the corrupted run by another."""
+"""fxcapture.patch against references built from forward hooks and the model's own
+modules: clean values recorded by one hook, put into the corrupted run by another, or
+the forward written out by hand (attention maps, which no hook sees)."""
 
 from __future__ import annotations
 
-import inspect
+import collections
+import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_same, module_state
-from fxcapture import capture
+from conftest import assert_same, hook_values, module_state
 from fxcapture.cli.models import TinyViT
 from fxcapture.interventions.patching import ALL, patch
 
@@ -42,27 +44,27 @@ def hook_patched(model: nn.Module, clean, corrupted, paths: list[str], combine=N
 # -- acceptance: resnet18 layer3 -----------------------------------------------------------------
 def test_patching_resnet_layer3_equals_the_tail_of_the_network_on_the_clean_layer3(resnet18):
     a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
-    layer3 = {}
-    handle = resnet18.layer3.register_forward_hook(lambda m, args, out: layer3.setdefault("a", out))
-    with torch.no_grad():
-        clean = resnet18(a)
-        handle.remove()
-        m = resnet18
-        expected = m.fc(torch.flatten(m.avgpool(m.layer4(layer3["a"])), 1))
-        corrupted = resnet18(b)
+    m = resnet18
+    _, seen = hook_values(m, ["layer2", "layer3"], a)
+    with torch.no_grad():  # the reference: the rest of the network by hand, on clean values
+        tail = {"layer3": lambda h: m.fc(torch.flatten(m.avgpool(m.layer4(h)), 1))}
+        tail["layer2"] = lambda h: tail["layer3"](m.layer3(h))
+        expected = {p: tail[p](seen[p][0]) for p in ("layer2", "layer3")}
+        clean, corrupted = m(a), m(b)
     before = module_state(resnet18)
 
     result = patch(resnet18, ["layer2", "layer3", "fc"], a, b, batched=False)
-    assert torch.equal(result.patched["layer3"], expected)
-    assert torch.equal(result.patched["fc"], clean)  # patching the last module restores all
+    stacked = patch(resnet18, ["layer2", "layer3", "fc"], a, b)  # one forward of batch 4 * 2
+    assert result.batched is False and stacked.batched is True
+    for r in (result, stacked):
+        assert list(r.patched) == ["layer2", "layer3", "fc"]
+        for key in ("layer2", "layer3"):
+            torch.testing.assert_close(r.patched[key], expected[key], rtol=1e-4, atol=1e-5)
+        # patching the last module restores all
+        torch.testing.assert_close(r.patched["fc"], clean, rtol=1e-4, atol=1e-5)
+    assert torch.equal(result.patched["layer3"], expected["layer3"])  # unstacked: same kernels
     assert torch.equal(result.clean, clean) and torch.equal(result.corrupted, corrupted)
     assert not torch.allclose(result.corrupted, clean)
-    assert result.batched is False and list(result.patched) == ["layer2", "layer3", "fc"]
-
-    stacked = patch(resnet18, ["layer2", "layer3", "fc"], a, b)  # one forward of batch 4 * 2
-    assert stacked.batched is True
-    for key, out in result.patched.items():
-        torch.testing.assert_close(stacked.patched[key], out, rtol=1e-4, atol=1e-5)
     assert module_state(resnet18) == before
 
 
@@ -93,27 +95,45 @@ def pair():
     return torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
 
 
-def test_stacked_patches_of_every_attention_map_equal_one_run_each(vit, pair):
+def vit_by_hand(vit: TinyViT, images: torch.Tensor, maps: dict | None = None):
+    """TinyViT's forward written out, the attention map of block ``i`` replaced by
+    ``maps[i]``: ``(logits, [attention map of each block])``."""
+    maps = maps or {}
+    seen = []
+    with torch.no_grad():
+        x = vit.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vit.pos_embed
+        for i, block in enumerate(vit.blocks):
+            h = block.norm1(x)
+            B, N, C = h.shape
+            heads, attn_module = block.attn.heads, block.attn
+            qkv = attn_module.qkv(h).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            attn = ((q @ k.transpose(-2, -1)) / math.sqrt(C // heads)).softmax(dim=-1)
+            seen.append(attn)
+            attn = maps.get(i, attn)
+            x = x + attn_module.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+            x = x + block.mlp(block.norm2(x))
+        return vit.head(vit.norm(x)[:, 0]), seen
+
+
+def test_patching_every_attention_map_equals_the_forward_by_hand_with_the_clean_map(vit, pair):
+    a, b = pair
+    clean_out, clean_maps = vit_by_hand(vit, a)
+    with torch.no_grad():
+        torch.testing.assert_close(clean_out, vit(a))  # the reference is the model
+    expected = {f"blocks.{i}.attn:attn": vit_by_hand(vit, b, {i: clean_maps[i]})[0]
+                for i in range(4)}  # fmt: skip
+
     loop = patch(vit, "attn", *pair, batched=False)
     stacked = patch(vit, "attn", *pair)
     chunked = patch(vit, "attn", *pair, chunk=3)
-    assert list(loop.patched) == [f"blocks.{i}.attn:attn" for i in range(4)]
     assert stacked.batched and chunked.batched and not loop.batched
-    for key in loop.patched:
-        torch.testing.assert_close(stacked.patched[key], loop.patched[key], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(chunked.patched[key], loop.patched[key], rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(loop.patched[key], loop.corrupted)
-
-
-def test_a_patched_attention_map_equals_a_model_run_with_that_map_edited(vit, pair):
-    a, b = pair
-    key = "blocks.2.attn:attn"
-    with torch.no_grad():
-        clean_map = capture(vit, [key])(a)[1][key]
-    result = patch(vit, [key], a, b, batched=False)
-    with torch.no_grad():  # the reference: an edit with the clean map as a constant
-        expected, _ = capture(vit, [], edit={key: clean_map})(b)
-    assert torch.equal(result.patched[key], expected)
+    for result in (loop, stacked, chunked):
+        assert list(result.patched) == list(expected)
+        for key, out in expected.items():
+            torch.testing.assert_close(result.patched[key], out, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(out, result.corrupted)
 
 
 def test_all_at_once_patches_every_key_in_one_run(vit, pair):
@@ -184,6 +204,75 @@ def test_a_value_without_the_batch_in_dimension_0_falls_back_or_explains():
         patch(model, [":scaled", "lin"], a, b, batched=True)
 
 
+# -- structured values: namedtuples and dataclasses ----------------------------------------------
+Pair = collections.namedtuple("Pair", "a b")
+
+
+@dataclasses.dataclass
+class Fields:
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class PairBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return Pair(h, h * 2)
+
+
+class FieldsBlock(PairBlock):
+    def forward(self, x):
+        h = self.lin(x)
+        return Fields(h, h.relu())
+
+
+class Structured(nn.Module):
+    """Its block returns a structure; it returns a namedtuple (the logits and a sum)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        o = self.block(x)
+        return Pair(self.head(o.a + o.b), o.b.sum(-1))
+
+
+@pytest.mark.parametrize("block", [PairBlock, FieldsBlock])
+def test_a_module_returning_a_namedtuple_or_a_dataclass_is_patched_whole(block):
+    model = Structured(block()).eval()
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        clean, corrupted = model(a), model(b)
+    expected = hook_patched(model, a, b, ["block"])
+    assert_same(expected, clean)  # every path to the output goes through the block
+    leaf = [block]  # the block is one call: its value is the namedtuple / dataclass itself
+
+    loop = patch(model, ["block", "head"], a, b, batched=False, leaf_modules=leaf)
+    stacked = patch(model, ["block", "head"], a, b, leaf_modules=leaf)
+    assert stacked.batched and not loop.batched
+    for result in (loop, stacked):
+        assert type(result.patched["block"]) is Pair
+        assert_same(result.patched["block"], expected, exact=result is loop)
+        assert_same(result.patched["head"], hook_patched(model, a, b, ["head"]), exact=False)
+        assert_same(result.corrupted, corrupted)
+    assert not torch.allclose(corrupted.a, clean.a)
+
+    def patch_a_only(c, r, key):  # combine sees each tensor of the structure in turn
+        return c if torch.equal(r, model.block(b).a) else r
+
+    with torch.no_grad():
+        only_a = patch(model, ["block"], a, b, combine=patch_a_only, leaf_modules=leaf)
+        by_hand = model.block(b)
+        by_hand = type(by_hand)(model.block(a).a, by_hand.b)
+        assert_same(only_a.patched["block"], Pair(model.head(by_hand.a + by_hand.b), by_hand.b.sum(-1)))
+
+
 # -- input forms and errors ------------------------------------------------------------------------
 def test_inputs_as_tuples_and_dicts():
     class TwoInputs(nn.Module):
@@ -215,12 +304,9 @@ def test_mistakes_are_explained(vit):
 
 
 # -- through the run-time fallback -----------------------------------------------------------------
-@pytest.mark.skipif(
-    "fallback" not in inspect.signature(capture).parameters,
-    reason="capture() has no `fallback` argument yet (GPT-2 does not fx-trace)",
-)
 def test_patching_a_gpt2_block_through_the_fallback_equals_hooks():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
         bos_token_id=0, eos_token_id=0, attn_implementation="eager",
