@@ -141,7 +141,9 @@ class _Run:
                     if reducers is None:
                         catalogue = getattr(self.extractor, "catalogue", None)
                         reducers = resolve_reducers(self.reduce, list(feats), catalogue)
-                    values = {k: apply_reducer(k, reducers.get(k), v, batch.rows, self.dtype) for k, v in feats.items()}
+                    mask = kwargs.get("attention_mask")  # reducers skip padding
+                    values = {k: apply_reducer(k, reducers.get(k), v, batch.rows, self.dtype, mask=mask)
+                              for k, v in feats.items()}  # fmt: skip
                     self._check(values)
                     if writer is None:
                         writer = ChunkWriter(self.out, self._chunk_rows(values, batch.rows),
