@@ -1,0 +1,279 @@
+"""The building rules of issue 18, checked over the source tree (read with ``ast``, not
+imported) and in fresh interpreters:
+
+* no import cycle among fxcapture modules, counting imports inside functions;
+* packages in one order, ``_util < core < dataset < interventions < inspect < compat <
+  cli``: a module never imports from a package to its right (so ``core`` imports nothing
+  from ``dataset``, ``inspect`` or ``cli``), nor the top-level ``fxcapture``;
+* no import inside a function, except of an optional dependency (:data:`OPTIONAL`);
+* no module over :data:`MAX_LINES` lines;
+* ``import fxcapture`` loads none of networkx, matplotlib, tqdm, transformers (nor the
+  other optional dependencies) beyond what ``import torch, torchvision`` already loads;
+* ``python -m fxcapture --help`` works and every name of ``fxcapture.__all__`` imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fxcapture"
+
+# Left to right; a package may import itself and the packages to its left.
+ORDER = ["_util", "core", "dataset", "interventions", "inspect", "compat", "cli"]
+# Top-level modules: ``_version`` may be imported by all; ``fxcapture`` (the package's
+# ``__init__``) and ``__main__`` sit above every package and are imported by none.
+RANKS = {"fxcapture._version": -1, "fxcapture": len(ORDER), "fxcapture.__main__": len(ORDER)}
+
+# Imported only inside the functions that need them, so that ``import fxcapture`` stays
+# light and a missing one fails only the feature using it: plotting (matplotlib),
+# model zoos (transformers, timm, torchvision: also heavy to import), Parquet output
+# (pyarrow) and the progress bar (tqdm).
+OPTIONAL = {"matplotlib", "transformers", "timm", "pyarrow", "tqdm", "torchvision"}
+# What ``import fxcapture`` must not add to ``import torch, torchvision``.
+NOT_AT_IMPORT = {"networkx", "matplotlib", "tqdm", "transformers", "timm", "pyarrow"}
+
+MAX_LINES = 450
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # the importing module
+    target: str  # the module it loads (for ``from X import a``: ``X.a`` if a module, else ``X``)
+    line: int
+    in_function: bool
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def source_files() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(source: str, is_package: bool, node: ast.ImportFrom, modules: set[str]) -> list[str]:
+    """The modules ``from X import a, b`` loads: ``X.a`` where it is a module, else ``X``."""
+    if node.level:
+        base = source.split(".") if is_package else source.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        package = ".".join(base + ([node.module] if node.module else []))
+    else:
+        package = node.module or ""
+    targets = [f"{package}.{a.name}" for a in node.names if f"{package}.{a.name}" in modules]
+    if len(targets) < len(node.names):
+        targets.append(package)
+    return targets
+
+
+def imports_of(source: str, path: Path, modules: set[str]) -> list[Import]:
+    tree = ast.parse(path.read_text(), str(path))
+    is_package = path.name == "__init__.py"
+    found: list[Import] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            targets = _resolve(source, is_package, node, modules)
+        else:
+            targets = []
+            in_function = in_function or isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            )
+        for target in targets:
+            found.append(Import(source, target, node.lineno, in_function))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function)
+
+    visit(tree, False)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> list[Import]:
+    files = source_files()
+    modules = set(files)
+    return [i for name, path in files.items() for i in imports_of(name, path, modules)]
+
+
+def rank(module: str) -> int:
+    if module in RANKS:
+        return RANKS[module]
+    return ORDER.index(module.split(".")[1])
+
+
+def where(i: Import) -> str:
+    return f"{source_files()[i.source].relative_to(ROOT)}:{i.line}"
+
+
+# -- the checker checks -------------------------------------------------------------------------
+def test_imports_are_resolved_like_python_does(tmp_path):
+    tree = {
+        "fxcapture/__init__.py": "from .core.api import capture\n",
+        "fxcapture/core/__init__.py": "from . import spec\n",
+        "fxcapture/core/spec.py": "",
+        "fxcapture/core/api.py": (
+            "from .spec import Spec\nfrom ..dataset import run, Thing\nimport torch.nn\n"
+            "def f():\n    import tqdm.auto\n    from .. import _version\n"
+        ),
+        "fxcapture/dataset/__init__.py": "",
+        "fxcapture/dataset/run.py": "",
+    }
+    for rel, text in tree.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    modules = {"fxcapture", "fxcapture.core", "fxcapture.core.spec", "fxcapture.core.api",
+               "fxcapture.dataset", "fxcapture.dataset.run"}  # fmt: skip
+    api = imports_of("fxcapture.core.api", tmp_path / "fxcapture/core/api.py", modules)
+    assert [(i.target, i.in_function) for i in api] == [
+        ("fxcapture.core.spec", False), ("fxcapture.dataset.run", False),
+        ("fxcapture.dataset", False), ("torch.nn", False), ("tqdm.auto", True),
+        ("fxcapture", True),
+    ]  # fmt: skip
+    init = imports_of("fxcapture.core", tmp_path / "fxcapture/core/__init__.py", modules)
+    assert [i.target for i in init] == ["fxcapture.core.spec"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}, "b": set()}) == [["a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with a cycle (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in edges.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            connect(v)
+    return sorted(found)
+
+
+# -- the rules ------------------------------------------------------------------------------------
+def test_no_import_cycle_counting_imports_inside_functions(graph):
+    edges: dict[str, set[str]] = {}
+    for i in graph:
+        if i.target.startswith("fxcapture"):
+            edges.setdefault(i.source, set()).add(i.target)
+    found = cycles(edges)
+    assert not found, "import cycles:\n" + "\n".join(
+        " -> ".join(c) + "\n    " + ", ".join(
+            f"{where(i)} imports {i.target}" for i in graph
+            if i.source in c and i.target in c
+        )
+        for c in found
+    )  # fmt: skip
+
+
+def test_packages_import_only_packages_to_their_left(graph):
+    wrong = [
+        f"{where(i)}: {i.source} imports {i.target}"
+        for i in graph
+        if i.target.startswith("fxcapture") and rank(i.target) > rank(i.source)
+    ]
+    assert not wrong, f"order {' < '.join(ORDER)} broken:\n" + "\n".join(wrong)
+
+
+def test_every_module_belongs_to_a_package_of_the_order():
+    stray = [m for m in source_files() if m not in RANKS and m.split(".")[1] not in ORDER]
+    assert not stray, f"modules outside the packages {ORDER}: {stray}"
+
+
+def test_imports_inside_functions_are_optional_dependencies_only(graph):
+    wrong = [
+        f"{where(i)}: import of {i.target} inside a function"
+        for i in graph
+        if i.in_function and i.target.split(".")[0] not in OPTIONAL
+    ]
+    assert not wrong, f"move these to the top of the module (allowed inside: {sorted(OPTIONAL)}):\n" + "\n".join(wrong)
+
+
+def test_no_module_is_longer_than_the_limit():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in source_files().values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+# -- in fresh interpreters -------------------------------------------------------------------------
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+
+
+LOADED = "import sys, json; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+
+
+def test_import_fxcapture_loads_no_optional_dependency():
+    baseline = python("import torch, torchvision\n" + LOADED)
+    loaded = python("import fxcapture\n" + LOADED)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    added = set(json.loads(loaded.stdout)) - set(json.loads(baseline.stdout))
+    assert "fxcapture" in added  # the comparison sees what the import adds
+    assert not added & NOT_AT_IMPORT, f"import fxcapture loads {sorted(added & NOT_AT_IMPORT)}"
+
+
+def test_python_m_fxcapture_help_and_every_public_name_imports():
+    proc = subprocess.run([sys.executable, "-m", "fxcapture", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: fxcapture")
+    for command in ("demo", "names", "extract", "graph"):
+        assert command in proc.stdout
+    code = (
+        "import fxcapture\n"
+        "missing = [n for n in fxcapture.__all__ if not hasattr(fxcapture, n)]\n"
+        "exec('from fxcapture import ' + ', '.join(fxcapture.__all__))\n"
+        "print(len(fxcapture.__all__), missing)"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, missing = proc.stdout.split(" ", 1)
+    assert int(count) >= 10 and missing.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["demo", "names", "extract", "graph"])
+def test_every_command_has_help(command, capsys):
+    from fxcapture.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: fxcapture {command}")
