@@ -1,23 +1,28 @@
-"""Stage 4b: capture at run time inside code that torch.fx cannot trace.
+"""Capture at run time inside code that no tracer can follow.
 
-A model that does not trace whole is traced with its failing submodules as leaves
-("untraced regions"); inside a region, values are captured while it runs:
+A model (or a submodule) with data-dependent Python control flow runs eagerly as an
+"untraced region"; inside a region, values are captured while it runs:
 
 * module outputs with forward hooks registered for one call and removed in ``finally``;
-* locals with a profile function (``sys.setprofile``, per thread) that is active only
-  while a region runs and reads ``frame.f_locals`` when a watched function returns.
-  No function's ``__code__`` is ever rewritten.
+* locals with a profile function (per thread, chained to one already active) that is
+  on only while a region runs and reads ``frame.f_locals`` when a watched function
+  returns. No function's ``__code__`` is ever rewritten.
 
-Keys follow the graph's scheme (:mod:`fxcapture.catalogue`). The first call
-*discovers* the run-time names: it records every module output and local in the
-regions, resolves the selectors the graph could not, and notes which values a later
-in-place op overwrote (those are cloned from then on). Later calls hook only the
-modules and functions that hold the selected values.
+Keys follow the graph's scheme (:mod:`.records`). The first call *discovers* the
+run-time names: it records every module output and local in the regions, resolves
+the selectors the graph could not, and notes which values a later in-place op
+overwrote (those are cloned from then on). Later calls watch only the modules and
+functions that hold the selected values, and key what each call produced: a module
+called a data-dependent number of times gives that call's ``key@0..k-1``; a selected
+module that did not run on a call is missing from that call with a warning.
+
+Everything a call installs belongs to that call: two threads sharing one extractor
+never see each other's values.
 
 Example::
 
-    >>> ex = capture(gpt2, ["attn_weights", "transformer.h.1"])  # fx fails on GPT-2
-    >>> out, feats = ex(input_ids)
+    >>> ex = capture(model_with_data_dependent_loop, ["refine", "refine:delta"])
+    >>> out, feats = ex(x)
     >>> print(ex.explain())
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -35,21 +41,17 @@ import torch
 from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
+from .frames import FrameFilter, chain_profile
 from .records import LOCAL, MODULE, Catalogue, NameInfo
 from .select import Selector, match_record, unknown_selector_error
-from .trace import chain_profile, watches_code
 
 _ACTIVE = threading.local()  # the session of the extractor call running in this thread
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return leaves(value)
 
 
 def _holds_tensors(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
-    return isinstance(value, (tuple, list, dict)) and bool(_tensors(value))
+    return isinstance(value, (tuple, list, dict)) and bool(leaves(value))
 
 
 def _clone(value: Any) -> Any:
@@ -57,36 +59,40 @@ def _clone(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = leaves(a), leaves(b)
     return len(ta) == len(tb) and all(
         x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb)
     )
 
 
 @dataclass
-class _Pending:
-    """What the first call learns about one selected run-time value."""
+class _Plan:
+    """What the first call learned about one selected run-time value."""
 
     info: NameInfo
-    code: Any = None  # code object of the frame that created a local
+    codes: set = field(default_factory=set)  # code objects of the frames holding a local
     clone: bool = False
 
 
 @dataclass
 class _Session:
-    """Values recorded during one call."""
+    """Values recorded during one call, and what that call installed."""
 
     capture: "RuntimeCapture"
+    discovering: bool
     values: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     previous_profile: Any = None
     depth: int = 0
+    edit_calls: dict[str, int] = field(default_factory=dict)
     # discovery only
     originals: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     seen: dict[tuple, str] = field(default_factory=dict)
     keep_alive: list[Any] = field(default_factory=list)
     infos: dict[str, NameInfo] = field(default_factory=dict)
-    codes: dict[str, Any] = field(default_factory=dict)
-    edit_calls: dict[str, int] = field(default_factory=dict)
+    codes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+
+    def is_current(self) -> bool:
+        return getattr(_ACTIVE, "session", None) is self
 
 
 class RuntimeCapture:
@@ -94,8 +100,8 @@ class RuntimeCapture:
 
     Args:
         root: the model.
-        regions: ``{module path: why fx failed}`` for the modules that run eagerly
-            (``""`` when the root itself does not trace).
+        regions: ``{module path: why}`` for the modules that run eagerly (``""``
+            when the whole model does).
         selectors: ``[(alias, selector)]`` the graph could not resolve.
         edits: ``{selector: fn(value, key)}`` applied to module outputs at run time.
         known: keys the graph already captures (the run-time side skips them).
@@ -103,7 +109,7 @@ class RuntimeCapture:
             match nothing at run time).
         attention: ``"weights"``: fused attention in the regions is computed
             explicitly and its probabilities are the local ``attn_probs`` of the
-            calling module (as in the graph, :mod:`fxcapture.attention`).
+            calling module (as in the graph, :mod:`.attention`).
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class RuntimeCapture:
         self.known = set(known)
         self.optional = list(optional)
         self.attention = attention
+        self.frames = FrameFilter(root)
         self.paths: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         for path, module in root.named_modules():
@@ -131,17 +138,18 @@ class RuntimeCapture:
         self.region_modules = [root.get_submodule(r) if r else root for r in regions]
         self.discovered = False
         self.catalogue: list[NameInfo] = []  # every run-time value seen by the first call
-        self.features: dict[str, tuple[str, int | None]] = {}  # out key -> (base, call)
-        self.plans: dict[str, _Pending] = {}  # base -> plan, for the selected bases
-        self.counts: dict[str, int] = {}
+        # per selector: (alias, [(base, call or None for every call)])
+        self.selection: list[tuple[str | None, list[tuple[str, int | None]]]] = []
+        self.plans: dict[str, _Plan] = {}  # base -> plan, for the selected bases
         self.local_codes: dict[Any, set[str]] = {}
+        self.features: dict[str, tuple[str, int]] = {}  # keys of the latest call -> (base, call)
+        self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._check_edits()
 
     # -- explain ---------------------------------------------------------------------
     def how(self, key: str) -> str:
-        base = self.features[key][0]
-        plan = self.plans[base]
+        plan = self.plans[self.features[key][0]]
         where = "run-time local (profile function)" if plan.info.kind == LOCAL else "leaf hook"
         return where + (", cloned" if plan.clone else "")
 
@@ -150,20 +158,20 @@ class RuntimeCapture:
     def session(self) -> Iterator[_Session]:
         if torch.compiler.is_compiling():
             raise RuntimeError(
-                "fxcapture: these values are captured at run time inside modules that "
-                f"torch.fx could not trace ({_describe(self.regions)}), "
-                "and torch.compile cannot see run-time captures. Compile the model "
-                "without capture, make those modules traceable (leaf_modules=, "
-                "concrete_args=), or capture only values of the traced part."
+                "fxcapture: these values are captured at run time inside modules that no "
+                f"tracer can follow ({_describe(self.regions)}), and torch.compile cannot "
+                "see run-time captures. Compile the model without capture, make those "
+                "modules traceable (leaf_modules=, concrete_args=), or capture only values "
+                "of the traced part."
             )
         with self._lock:
             discovering = not self.discovered
-        session = _Session(self)
-        handles = []
+        session = _Session(self, discovering)
+        handles: list[Any] = []
         outer = getattr(_ACTIVE, "session", None)
         _ACTIVE.session = session
         try:
-            handles = self._install(session, discovering)
+            handles = self._install(session)
             with self._attention_mode(session):
                 yield session
         finally:
@@ -175,21 +183,20 @@ class RuntimeCapture:
         if discovering:
             self._finish_discovery(session)
 
-    def _install(self, session: _Session, discovering: bool) -> list[Any]:
+    def _install(self, session: _Session) -> list[Any]:
         handles = []
-        profile_needed = discovering or bool(self.local_codes)
-        if profile_needed:
+        if session.discovering or self.local_codes:
+            enter, leave = self._region_hooks(session)
             for module in self.region_modules:
-                handles.append(module.register_forward_pre_hook(self._enter_region))
-                handles.append(module.register_forward_hook(self._leave_region, always_call=True))
-        if discovering:
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave, always_call=True))
+        if session.discovering:
             targets = [p for p in self.modules if p not in self.regions]
         else:
-            targets = [self.plans[b].info.module for b in self.plans if self.plans[b].info.kind == MODULE]
-            targets += [p for p in self._edited_paths() if p not in targets]
+            targets = [p.info.module for p in self.plans.values() if p.info.kind == MODULE]
+            targets += [p for p in self.modules if self._edits_for(p)]
         for path in dict.fromkeys(targets):
-            hook = self._module_hook(path)
-            handles.append(self.modules[path].register_forward_hook(hook))
+            handles.append(self.modules[path].register_forward_hook(self._module_hook(session, path)))
         return handles
 
     def _attention_mode(self, session: _Session):
@@ -197,14 +204,11 @@ class RuntimeCapture:
             return contextlib.nullcontext()
 
         def on_probs(probs: torch.Tensor) -> None:
-            if session.depth:  # inside an untraced region
+            if session.depth and session.is_current():  # inside an untraced region
                 owner = self._owner(sys._getframe(1))
                 self._record(session, f"{owner}:attn_probs", LOCAL, "scaled_dot_product_attention", probs, None)
 
         return ExplicitAttentionMode(on_probs)
-
-    def _edited_paths(self) -> list[str]:
-        return [p for p in self.modules if self._edits_for(p)]
 
     def _edits_for(self, path: str) -> list[Any]:
         """The edits selecting the output of module ``path``, in dict order."""
@@ -217,41 +221,38 @@ class RuntimeCapture:
             if not any(match_record(NameInfo(p, MODULE, p, "", p), selector) for p in self.modules):
                 raise ValueError(
                     f"cannot edit {selector!r}: it runs inside {_describe(self.regions)}, "
-                    "which torch.fx could not trace, and a local variable cannot be replaced "
+                    "which no tracer can follow, and a local variable cannot be replaced "
                     "at run time. Edit the output of the enclosing module instead (a module "
                     "path such as 'transformer.h.1'), or make the module traceable."
                 )
 
-    # profile function on/off around region forwards (nested regions are counted)
-    def _enter_region(self, module, args):
-        session = getattr(_ACTIVE, "session", None)
-        if session is None or session.capture is not self:
-            return None
-        if session.depth == 0:
-            session.previous_profile = sys.getprofile()
-            sys.setprofile(self._on_profile_event)
-        session.depth += 1
-        return None
+    def _region_hooks(self, session: _Session) -> tuple[Callable, Callable]:
+        """Profile function on/off around region forwards (nested regions are counted)."""
 
-    def _leave_region(self, module, args, output):
-        session = getattr(_ACTIVE, "session", None)
-        if session is None or session.capture is not self or session.depth == 0:
-            return None
-        session.depth -= 1
-        if session.depth == 0:
-            sys.setprofile(session.previous_profile)
-        return None
+        def enter(module, args):
+            if session.is_current():
+                if session.depth == 0:
+                    session.previous_profile = sys.getprofile()
+                    sys.setprofile(chain_profile(self._on_profile_event, session.previous_profile))
+                session.depth += 1
 
-    def _module_hook(self, path: str):
+        def leave(module, args, output):
+            if session.is_current() and session.depth:
+                session.depth -= 1
+                if session.depth == 0:
+                    sys.setprofile(session.previous_profile)
+
+        return enter, leave
+
+    def _module_hook(self, session: _Session, path: str) -> Callable:
         edits = self._edits_for(path)
 
         def hook(module, args, output):
-            session = getattr(_ACTIVE, "session", None)
-            if session is None or session.capture is not self:
+            if not session.is_current():
                 return None
             if edits:
                 calls = session.edit_calls[path] = session.edit_calls.get(path, -1) + 1
-                count = self.counts.get(path, 1)
+                count = len(self.features_of(path)) or 1
                 key = path if count == 1 else f"{path}@{calls}"
                 for edit in edits:
                     output = apply_edit(edit, output, key)
@@ -260,6 +261,9 @@ class RuntimeCapture:
 
         return hook
 
+    def features_of(self, base: str) -> list[str]:
+        return [k for k, (b, _) in self.features.items() if b == base]
+
     def _on_profile_event(self, frame, event: str, arg: Any) -> None:
         if event != "return":
             return
@@ -267,14 +271,14 @@ class RuntimeCapture:
         if session is None or session.capture is not self:
             return
         code = frame.f_code
-        if self.discovered:
+        if session.discovering:
+            if not self.frames.watches(code):
+                return
+            names = None
+        else:
             names = self.local_codes.get(code)
             if not names:
                 return
-        elif not watches_code(code):
-            return
-        else:
-            names = None
         owner = self._owner(frame)
         function = getattr(code, "co_qualname", code.co_name)
         for name, value in frame.f_locals.items():
@@ -298,24 +302,22 @@ class RuntimeCapture:
 
     # -- recording -----------------------------------------------------------------
     def _record(self, session: _Session, base: str, kind: str, op: str, value: Any, code) -> None:
-        if self.discovered:
+        if not session.discovering:
             plan = self.plans.get(base)
-            if plan is not None:
+            if plan is not None and (code is None or code in plan.codes):
                 session.values[base].append(_clone(value) if plan.clone else value)
             return
-        tensors = _tensors(value)
+        tensors = leaves(value)
         if kind == LOCAL:
             identity = (base.rpartition(":")[2], tuple(id(t) for t in tensors))
-            origin = session.seen.get(identity)
-            if origin is not None:
+            if session.seen.get(identity) is not None:
                 return  # same value in an outer frame: keyed where it was created
             session.seen[identity] = base
         session.keep_alive.append(tensors)
         module = base.rpartition(":")[0] if kind == LOCAL else base
-        info = NameInfo(base, kind, module, op, base)
-        session.infos.setdefault(base, info)
+        info = session.infos.setdefault(base, NameInfo(base, kind, module, op, base))
         if code is not None:
-            session.codes.setdefault(base, code)
+            session.codes[base].add(code)
         if self._wanted(info):
             session.values[base].append(_clone(value))
             session.originals[base].append(value)
@@ -329,57 +331,82 @@ class RuntimeCapture:
         catalogue = []
         for base, values in session.values.items():
             info = session.infos[base]
-            self.counts[base] = len(values)
             for i in range(len(values)):
                 key = base if len(values) == 1 else f"{base}@{i}"
-                catalogue.append(
-                    NameInfo(key, info.kind, info.module, info.op, base, None if len(values) == 1 else i)
-                )
+                call = None if len(values) == 1 else i
+                catalogue.append(NameInfo(key, info.kind, info.module, info.op, base, call))
+        selection, plans = [], {}
+        for alias, selector in self.selectors:
+            found = [r for r in catalogue if match_record(r, selector)]
+            if not found:
+                path = selector if isinstance(selector, str) else None
+                if path in self.modules and path not in self.regions:  # exists, did not run
+                    plans[path] = _Plan(NameInfo(path, MODULE, path, type(self.modules[path]).__name__, path))
+                    selection.append((alias, [(path, None)]))
+                    continue
+                if any(selector is o for o in self.optional):
+                    continue
+                raise unknown_selector_error(Catalogue(catalogue, {}), selector)
+            exact_call = isinstance(selector, str) and "@" in selector
+            entries = list(dict.fromkeys(
+                (r.base, r.call if exact_call else None) for r in found
+            ))  # fmt: skip
+            selection.append((alias, entries))
+            for r in found:
+                if r.base not in plans:
+                    mutated = any(
+                        not _same(c, o)
+                        for c, o in zip(session.values[r.base], session.originals[r.base])
+                    )
+                    plans[r.base] = _Plan(session.infos[r.base], set(session.codes.get(r.base, ())), mutated)
+        local_codes: dict[Any, set[str]] = defaultdict(set)
+        for base, plan in plans.items():
+            for code in plan.codes:
+                local_codes[code].add(base.rpartition(":")[2])
         with self._lock:
             if self.discovered:
                 return
-            self.catalogue = catalogue
-            features: dict[str, tuple[str, int | None]] = {}
-            for alias, selector in self.selectors:
-                found = [r for r in catalogue if match_record(r, selector)]
-                if not found:
-                    if any(selector is o for o in self.optional):
-                        continue
-                    raise self._unknown(selector)
-                for i, r in enumerate(found):
-                    key = r.key if alias is None else (alias if len(found) == 1 else f"{alias}@{i}")
-                    if key not in self.known:
-                        features.setdefault(key, (r.base, r.call))
-            plans = {}
-            for base, call in features.values():
-                info = session.infos[base]
-                mutated = any(
-                    not _same(c, o) for c, o in zip(session.values[base], session.originals[base])
-                )
-                plans[base] = _Pending(info, session.codes.get(base), clone=mutated)
-            self.features, self.plans = features, plans
-            self.local_codes = defaultdict(set)
-            for base, plan in plans.items():
-                if plan.info.kind == LOCAL:
-                    self.local_codes[plan.code].add(base.rpartition(":")[2])
-            self.local_codes = dict(self.local_codes)
+            self.catalogue, self.selection, self.plans = catalogue, selection, plans
+            self.local_codes = dict(local_codes)
+            self.features = self._keys(session.values)
             self.discovered = True
 
-    def _unknown(self, selector: Selector) -> ValueError:
-        return unknown_selector_error(Catalogue(self.catalogue, {}), selector)
+    def _keys(self, values: dict[str, list[Any]]) -> dict[str, tuple[str, int]]:
+        """Output key -> (base, index into that base's values) for one call's values."""
+        keys: dict[str, tuple[str, int]] = {}
+        for alias, entries in self.selection:
+            picked = []
+            for base, call in entries:
+                count = len(values.get(base, ()))
+                if call is None:
+                    picked += [(base, i, count) for i in range(count)]
+                elif call < count:
+                    picked.append((base, call, count))
+            for j, (base, i, count) in enumerate(picked):
+                if alias is None:
+                    key = base if count == 1 else f"{base}@{i}"
+                else:
+                    key = alias if len(picked) == 1 else f"{alias}@{j}"
+                if key not in self.known:
+                    keys.setdefault(key, (base, i))
+        return keys
 
     def collect(self, session: _Session) -> dict[str, Any]:
         """The selected values of one call, keyed like the graph's features."""
-        feats = {}
-        for key, (base, call) in self.features.items():
-            values = session.values.get(base, [])
-            index = 0 if call is None else call
-            if index < len(values):
-                feats[key] = values[index]
-        return feats
+        keys = self._keys(session.values)
+        missing = [b for b in self.plans if not session.values.get(b)]
+        for base in missing:
+            if base not in self._warned:
+                self._warned.add(base)
+                warnings.warn(
+                    f"fxcapture: {base!r} produced no value on this call (its module did not "
+                    "run or its function did not return); it is missing from this call's "
+                    "features.",
+                    stacklevel=3,
+                )
+        self.features = keys
+        return {key: session.values[base][i] for key, (base, i) in keys.items()}
 
 
 def _describe(regions: dict[str, str]) -> str:
     return ", ".join(repr(r) if r else "the model's forward" for r in regions)
-
-

@@ -1,0 +1,124 @@
+"""What a symbolic trace cannot reproduce, and keeping the model as it was.
+
+``torch.fx`` runs the model's Python once, on proxies. Whatever that Python does
+besides building the graph happens once, at trace time, instead of on every call:
+
+* a buffer or attribute assigned in ``forward`` (``self.cache = x``; timm's
+  ``attention_bias_cache``): the model would keep an ``fx.Proxy``;
+* a random tensor made without a proxy argument (``torch.randn(4)``): frozen;
+* ``torch.no_grad()``, ``torch.autocast``, ``autograd.Function.apply``: not graph ops,
+  so the graph drops the region or the custom backward;
+* hooks on modules the trace goes through (and global module hooks): skipped.
+
+:class:`ModelSnapshot` restores the model after a trace and says what changed; the
+tracer reports the calls above; :func:`hooked_modules` lists modules whose hooks must
+run. Any of these makes the engine use the running tracer instead (``core.running``).
+
+Example::
+
+    >>> snapshot = ModelSnapshot(model)
+    >>> ...  # trace
+    >>> snapshot.restore()            # ['blocks.0.attn.attention_bias_cache']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# code objects whose call during a symbolic trace means the graph would differ
+HAZARD_CODES: dict[Any, str] = {
+    torch.no_grad.__enter__.__code__: "torch.no_grad()",
+    torch.enable_grad.__enter__.__code__: "torch.enable_grad()",
+    torch.set_grad_enabled.__init__.__code__: "torch.set_grad_enabled()",
+    torch.inference_mode.__enter__.__code__: "torch.inference_mode()",
+    torch.autocast.__enter__.__code__: "torch.autocast",
+}
+
+
+def custom_function(c_function: Any) -> str | None:
+    """The name of a custom ``autograd.Function`` if a C call is its ``apply``."""
+    owner = getattr(c_function, "__self__", None)
+    if (
+        getattr(c_function, "__name__", "") == "apply"
+        and isinstance(owner, type)
+        and issubclass(owner, torch.autograd.Function)
+    ):
+        return f"autograd.Function {owner.__qualname__}.apply (its backward)"
+    return None
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# torch keeps global module hooks in these private dicts of torch.nn.modules.module
+# (checked on torch 2.14); their names are stable since torch 1.13.
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Does the module have forward, pre-forward or backward hooks of its own?"""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def hooked_modules(model: torch.nn.Module) -> list[str]:
+    """Paths of the submodules (not the root) that have hooks."""
+    return [path for path, m in model.named_modules() if path and has_hooks(m)]
+
+
+def global_hooks() -> bool:
+    """Are global module hooks registered (``register_module_forward_hook`` & co)?"""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in _GLOBAL_HOOK_DICTS)
+
+
+class ModelSnapshot:
+    """The attributes of every module of a model (shallow), to compare and restore.
+
+    Dict-valued attributes (``_buffers``, ``_parameters``, caches) are copied one level
+    deep, so that an entry added by a trace is seen and removed.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = list(model.named_modules(remove_duplicate=False))
+        self.state = [
+            (m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict})
+            for _, m in self.modules
+        ]
+
+    def changes(self) -> list[str]:
+        """``path.attribute`` of every attribute that differs from the snapshot."""
+        changed = []
+        for (path, _), (module, attrs, dicts) in zip(self.modules, self.state):
+            now = module.__dict__
+            for key in set(now) | set(attrs):
+                if now.get(key, _MISSING) is not attrs.get(key, _MISSING):
+                    changed.append(f"{path}.{key}".lstrip("."))
+                elif key in dicts and _dict_changed(now[key], dicts[key]):
+                    changed.append(f"{path}.{key}".lstrip("."))
+        return changed
+
+    def restore(self) -> list[str]:
+        """Put every attribute back; returns what had changed."""
+        changed = self.changes()
+        if changed:
+            for module, attrs, dicts in self.state:
+                now = module.__dict__
+                for key in [k for k in now if k not in attrs]:
+                    del now[key]
+                for key, value in attrs.items():
+                    now[key] = value
+                    if key in dicts and _dict_changed(value, dicts[key]):
+                        value.clear()
+                        value.update(dicts[key])
+        return changed
+
+
+_MISSING = object()
+
+
+def _dict_changed(now: dict, before: dict) -> bool:
+    return now.keys() != before.keys() or any(now[k] is not before[k] for k in now)
