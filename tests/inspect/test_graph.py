@@ -1,17 +1,18 @@
-"""to_networkx / module_view / GraphML / drawing, against the fx graph and forward hooks."""
+"""to_networkx / module_view / GraphML / drawing, against torch.fx's own trace and
+forward hooks."""
 
 from __future__ import annotations
 
 import networkx as nx
 import pytest
 import torch
+import torch.fx as fx
 
 from conftest import hook_values
 from fxcapture import capture
 from fxcapture.cli import main
 from fxcapture.inspect.draw import draw
 from fxcapture.inspect.graph import module_view, to_networkx
-from fxcapture.core.trace import CaptureTracer
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +20,28 @@ def resnet_graph(resnet18):
     return to_networkx(resnet18, torch.randn(1, 3, 64, 64), names=["layer4", "layer1.0.relu@0"])
 
 
+def matches_fx_trace(g: nx.DiGraph, model: torch.nn.Module, returned=()) -> dict[str, fx.Node]:
+    """Assert ``g`` has one node per node of ``torch.fx.symbolic_trace(model)``, in order,
+    with the same op, module and edges (plus one to the output from each fx node named
+    in ``returned``); return ``{name in g: fx node}``. (fxcapture records an in-place
+    ``out += x`` as ``iadd`` where fx records ``add``.)"""
+    fx_nodes = list(fx.symbolic_trace(model).graph.nodes)
+    assert len(g) == len(fx_nodes)
+    match = dict(zip(g, fx_nodes))
+    for name, node in match.items():
+        assert name == node.name or name == "i" + node.name, (name, node.name)
+        assert g.nodes[name]["op"] == node.op
+        if node.op == "call_module":
+            assert g.nodes[name]["target"] == g.nodes[name]["module"] == node.target
+    users = {(n.name, u.name) for n in fx_nodes for u in n.users}
+    users |= {(name, "output") for name in returned}
+    assert {(match[a].name, match[b].name) for a, b in g.edges} == users
+    assert g.number_of_edges() == len(users)
+    return match
+
+
 def test_one_node_per_fx_node_and_edges_equal_users(resnet18, resnet_graph):
-    fx_graph = CaptureTracer().trace_model(resnet18).graph  # an independent trace
-    assert list(resnet_graph) == [n.name for n in fx_graph.nodes]
-    users = {(n.name, u.name) for n in fx_graph.nodes for u in n.users}
-    assert set(resnet_graph.edges) == users
-    assert resnet_graph.number_of_edges() == len(users)
+    matches_fx_trace(resnet_graph, resnet18)
     assert nx.is_directed_acyclic_graph(resnet_graph)
 
 
@@ -79,11 +96,19 @@ def test_graphml_round_trip(resnet_graph, tmp_path):
 
 
 def test_extractor_graph_marks_its_captures(resnet18):
-    ex = capture(resnet18, ["layer2", "fc"])
-    g = to_networkx(ex, torch.randn(1, 3, 64, 64))
-    assert list(g) == [n.name for n in ex.graph.nodes]
-    assert {n for n, d in g.nodes(data=True) if d["captured"]} == {"layer2_1_relu_1", "fc"}
-    assert g.nodes["fc"]["shape"] == "(1, 1000)"
+    x = torch.randn(1, 3, 64, 64)
+    fx_nodes = list(fx.symbolic_trace(resnet18).graph.nodes)
+    # layer2's output is what layer3 reads; fc's is the fc call
+    layer2 = next(n for n in fx_nodes if n.target == "layer3.0.conv1").args[0]
+    fc = next(n for n in fx_nodes if n.target == "fc")
+    g = to_networkx(capture(resnet18, ["layer2", "fc"]), x)
+    match = matches_fx_trace(g, resnet18, returned=[layer2.name])  # the extractor returns it
+    captured = {match[n].name for n, d in g.nodes(data=True) if d["captured"]}
+    assert captured == {layer2.name, fc.name}
+    _, seen = hook_values(resnet18, ["layer2", "fc"], x)
+    by_fx_name = {node.name: name for name, node in match.items()}
+    for path, node in (("layer2", layer2), ("fc", fc)):
+        assert g.nodes[by_fx_name[node.name]]["shape"] == str(tuple(seen[path][0].shape))
 
 
 def test_bad_input_is_a_clear_error():
