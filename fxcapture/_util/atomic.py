@@ -10,9 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import secrets
 from pathlib import Path
 from typing import Iterator
+
+TMP_PREFIX = ".tmp-"  # every temp file fxcapture makes starts with it (cleanup finds them)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_exclusive(path: Path) -> None:
+    """Create ``path`` empty; fail if anything (a symlink too) is already there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    os.close(fd)
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    try:
+        fd = os.open(path, flags | _NOFOLLOW)
+    except OSError:  # a folder some systems cannot open (Windows): durability is best effort
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -21,17 +43,24 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fsynced and renamed onto ``path``. A crash or Ctrl-C leaves the old file (or none),
     never a half-written one.
 
+    The temp file is ``.tmp-<name>-<random>``: created empty with ``O_EXCL |
+    O_NOFOLLOW`` under an unpredictable name (nobody can plant a symlink there first),
+    and removed when the block fails. ``path`` itself is replaced, never followed,
+    when it is a symlink.
+
     Example::
 
         >>> with atomic_file("out/model.pt") as tmp:
         ...     torch.save(obj, tmp)
     """
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(8)}")
+    _create_exclusive(tmp)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself survives a power loss
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
