@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 import torch.nn as nn
 
-from conftest import clone_nodes, hook_values
+from conftest import assert_matches_hooks, assert_same, clone_nodes, hook_values
 from fxcapture import capture
 
 
@@ -27,62 +30,82 @@ class Branchy(nn.Module):
         return self.head(h)
 
 
+PATHS = ["body", "drop", "head"]
+
+
+def assert_equals_the_model(ex, model, x, seed):
+    """``ex(x)`` against ``model(x)`` with forward hooks, in the mode both are in."""
+    torch.manual_seed(seed)
+    ref, seen = hook_values(model, PATHS, x)
+    torch.manual_seed(seed)
+    out, feats = ex(x)
+    assert_same(out, ref)
+    assert list(feats) == PATHS
+    assert_matches_hooks(feats, seen)
+    return out, feats
+
+
 def test_graph_follows_training_flag():
     model = Branchy().train()
-    ex = capture(model, ["body", "drop", "head"])
+    ex = capture(model, PATHS)
     x = torch.randn(6, 4)
 
-    torch.manual_seed(7)
-    ref_train, seen = hook_values(model, ["drop"], x)
-    torch.manual_seed(7)
-    out, feats = ex(x)
+    out, feats = assert_equals_the_model(ex, model, x, seed=7)
     assert isinstance(out, tuple) and len(out) == 2
-    assert torch.equal(out[0], ref_train[0]) and torch.equal(out[1], ref_train[1])
-    assert torch.equal(feats["drop"], seen["drop"][0])
+    assert not torch.equal(feats["drop"], feats["body"])  # dropout dropped something
     assert any(n.op == "call_module" and n.target == "aux" for n in ex.graph.nodes)
 
     ex.eval()
     model.eval()
-    out, feats = ex(x)
-    with torch.no_grad():
-        ref_eval = model(x)
-    assert isinstance(out, torch.Tensor) and torch.equal(out, ref_eval)
-    assert torch.equal(feats["drop"], model.body(x))  # dropout is the identity in eval
+    for seed in (1, 2):  # eval: no randomness, same values on every call
+        out, feats = assert_equals_the_model(ex, model, x, seed)
+        assert isinstance(out, torch.Tensor)
+        assert torch.equal(feats["drop"], feats["body"])  # dropout is the identity in eval
     assert not any(n.op == "call_module" and n.target == "aux" for n in ex.graph.nodes)
 
     ex.train()
+    model.train()
     assert ex.training and all(m.training for m in ex.modules())
+    assert_equals_the_model(ex, model, x, seed=8)
     assert any(n.op == "call_module" and n.target == "aux" for n in ex.graph.nodes)
 
 
-def test_only_the_train_graph_has_the_aux_local():
+def test_the_aux_local_exists_in_the_train_graph_only():
     model = Branchy().train()
-    ex = capture(model, ["body"])
-    _, feats = ex(torch.randn(2, 4))
-    assert list(feats) == ["body"]
-    # the local `extra` only exists in training mode
+    x = torch.randn(2, 4)
     ex = capture(model, ["extra"])
     assert ex.names == [":extra"]
+    torch.manual_seed(3)
+    ref, seen = hook_values(model, ["aux"], x)
+    torch.manual_seed(3)
+    out, feats = ex(x)
+    assert_same(out, ref)
+    assert torch.equal(feats[":extra"], seen["aux"][0])  # extra = self.aux(h)
+    # in eval mode `extra` is never assigned: asking for it is an error naming it
+    with pytest.raises(ValueError, match="'extra' is not a capturable name"):
+        ex.eval()
+    with pytest.raises(ValueError, match="'extra' is not a capturable name"):
+        capture(Branchy().eval(), ["extra"])
 
 
 def test_train_eval_switch_toggles_model_modules_not_model_root(resnet18, image):
-    import copy
-
     model = copy.deepcopy(resnet18).eval()
     ex = capture(model, ["layer1", "fc"])
     ex.train()
     # submodules are shared, so their mode follows (BatchNorm uses batch statistics)
     assert model.layer1[0].bn1.training
-    torch.manual_seed(0)
     out, feats = ex(image)
-    with torch.no_grad():
-        ref = model.train()(image)  # mode on the model too (its root flag is its own)
+    ref, seen = hook_values(model.train(), ["layer1", "fc"], image)  # the root flag is its own
     assert torch.equal(out, ref)
+    assert_matches_hooks(feats, seen)
     ex.eval()
     model.eval()
-    out, _ = ex(image)
-    with torch.no_grad():
-        assert torch.equal(out, model(image))
+    assert not model.layer1[0].bn1.training
+    out, feats = ex(image)
+    ref, seen = hook_values(model, ["layer1", "fc"], image)  # running statistics now
+    assert torch.equal(out, ref)
+    assert_matches_hooks(feats, seen)
+    assert not torch.allclose(feats["layer1"], hook_values(model.train(), ["layer1"], image)[1]["layer1"][0])
 
 
 def test_dropout_in_train_mode_matches_same_seed_and_no_clone():
