@@ -1,7 +1,11 @@
 """Sources: what ``extract`` reads, turned into numbered batches of model inputs.
 
 A map-style dataset (or a sequential ``DataLoader`` over one) can load any row range,
-for resume and shards; any other iterable is read once, in order.
+for resume and shards; any other iterable is read once, in order. Map-style means any
+object with ``__len__`` and ``__getitem__`` (a ``torch.utils.data.Dataset``, a
+transformers/``datasets`` dataset, a numpy array), except a list or tuple, which is a
+sequence of batches. A dataset with a ``collate_fn`` method (:class:`~.text.TextDataset`)
+is batched with it.
 
 Example::
 
@@ -20,6 +24,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 
 from .._util.tree import first_leaf, tree_map
+
 
 def _model_inputs(batch: Any, inputs: Callable | None) -> tuple[tuple, dict]:
     """``(args, kwargs)`` for the model: a tensor is the input, a tuple/list's first item
@@ -66,6 +71,9 @@ class _DatasetSource:
         self.total: int | None = n // batch_size * batch_size if drop_last else n
 
     def describe(self) -> str:
+        name = getattr(self.dataset, "data_name", None)  # TextDataset: its settings and a token hash
+        if callable(name):
+            return str(name())
         return f"{type(self.dataset).__qualname__}[{len(self.dataset)}]"
 
     def files_hash(self) -> str | None:
@@ -132,6 +140,16 @@ def _loader_kwargs(loader: DataLoader) -> dict:
     return kwargs
 
 
+def is_map_style(data: Any) -> bool:
+    """Can ``data`` load any sample by index? Anything with ``__len__`` and ``__getitem__``
+    but a list/tuple (batches), a dict, a string or an ``IterableDataset``."""
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, (IterableDataset, list, tuple, Mapping, str, bytes)):
+        return False
+    return isinstance(data, Dataset) or (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+
+
 def make_source(data: Any, batch_size: int, num_workers: int, pin_memory: bool) -> _DatasetSource | _IterableSource:
     if isinstance(data, DataLoader):
         sequential = (
@@ -143,8 +161,11 @@ def make_source(data: Any, batch_size: int, num_workers: int, pin_memory: bool) 
         if sequential:
             return _DatasetSource(data.dataset, data.batch_size, _loader_kwargs(data), data.drop_last)
         return _IterableSource(data)
-    if isinstance(data, torch.Tensor) or (isinstance(data, Dataset) and not isinstance(data, IterableDataset)):
+    if is_map_style(data):
         kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
+        collate = getattr(data, "collate_fn", None)
+        if callable(collate):
+            kwargs["collate_fn"] = collate
         return _DatasetSource(data, batch_size, kwargs)
     if not hasattr(data, "__iter__"):
         raise TypeError(f"data must be a DataLoader, a Dataset or an iterable of batches, got {type(data).__name__}")
