@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any, Callable, Iterable
 
 import torch
@@ -82,15 +83,36 @@ def capture(
 
 
 class NameTable(list):
-    """A list of :class:`NameInfo` that prints as an aligned table."""
+    """A list of :class:`NameInfo` that shows itself as an aligned table: ``print(table)``
+    in a script, the bare value in a REPL, an HTML table in a notebook.
+
+    Example::
+
+        >>> table = list_names(model, "layer4*")
+        >>> table.keys()[:2]
+        ['layer4', 'layer4.0']
+    """
+
+    _HEADER = ("key", "kind", "module", "op")
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        return [(r.key, r.kind, r.module or "(root)", str(r.op)) for r in self]
 
     def __str__(self) -> str:
-        header = ("key", "kind", "module", "op")
-        rows = [header] + [(r.key, r.kind, r.module or "(root)", r.op) for r in self]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        rows = [self._HEADER] + self._rows()
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"{self}\n({len(self)} names)"
+
+    def _repr_html_(self) -> str:
+        cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
+        head = "".join(cell("th", h) for h in self._HEADER)
+        body = "".join("<tr>" + "".join(cell("td", c) for c in row) + "</tr>" for row in self._rows())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def keys(self) -> list[str]:
         return [r.key for r in self]
@@ -104,8 +126,14 @@ def list_names(
     leaf_modules: Iterable[Any] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
+    attention: str | None = None,
+    how_to_list: str = "fxcapture.list_names(model)",
 ) -> NameTable:
     """Every capturable name of ``model``, in execution order.
+
+    A ``pattern`` naming ``attn_probs`` turns on ``attention="weights"`` (as in
+    :func:`capture`); a pattern that matches nothing raises ``ValueError`` with the
+    closest keys (``how_to_list`` is how that message says to list them all).
 
     Example::
 
@@ -114,8 +142,9 @@ def list_names(
         ...
     """
     model = as_module(model)
-    spec = CaptureSpec((), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                       concrete_args=concrete_args)
+    spec = CaptureSpec(() if pattern is None else pattern, leaf_modules=leaf_modules,
+                       autowrap_functions=autowrap_functions, concrete_args=concrete_args,
+                       attention=attention)  # fmt: skip
     check_concrete_args(model, spec)
     check_leaf_paths(model, spec)
     _, catalogue, untraced = trace_with_fallback(model, spec)
@@ -129,7 +158,7 @@ def list_names(
     found = catalogue.records if pattern is None else match(catalogue, pattern)
     table = NameTable(r for r in found if r.kind in kinds)
     if pattern is not None and not table:
-        raise unknown_selector_error(catalogue, pattern, model)
+        raise unknown_selector_error(catalogue, pattern, model, how_to_list=how_to_list)
     return table
 
 

@@ -36,8 +36,10 @@ use differs); in eval mode it is ``allclose`` to the fused path.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
+import sys
 from typing import Any, Callable
 
 import torch
@@ -241,6 +243,10 @@ def _expose_mha(result: TraceResult, node: fx.Node) -> None:
     result.locals.append(LocalRecord(module, MHA_FUNCTION, PROBS_MEAN, mean))
 
 
+def _holds_mha(module: torch.nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
+
+
 def check_mode(mode: str) -> None:
     """Raise a clear ``ValueError`` unless ``mode`` is a supported ``attention=`` value."""
     if mode not in MODES:
@@ -250,11 +256,29 @@ def check_mode(mode: str) -> None:
         )
 
 
+def _mha_call_with_weights(func: Callable, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor]:
+    """Run ``F.multi_head_attention_forward`` asking for per-head weights; return what the
+    caller's own flags would have returned, and the per-head probabilities."""
+    params = inspect.signature(F.multi_head_attention_forward).parameters
+    bound = dict(zip(params, args))
+    bound.update(kwargs)
+    need = bound.get("need_weights", True)
+    average = bound.get("average_attn_weights", True)
+    bound.update(need_weights=True, average_attn_weights=False)
+    output, per_head = func(**bound)
+    if not need:
+        return (output, None), per_head
+    return (output, per_head.mean(dim=-3) if average else per_head), per_head
+
+
 class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
     """Run-time counterpart of the graph rewrite, for code fx cannot trace.
 
     Inside this mode every ``F.scaled_dot_product_attention`` call is computed by
-    :func:`explicit_sdpa` and ``on_probs(probs)`` is called with its probabilities.
+    :func:`explicit_sdpa`, every ``nn.MultiheadAttention`` call computes its per-head
+    weights (its fast path is off while a mode is active), and ``on_probs(probs)`` is
+    called with the probabilities ``(B, heads, L, S)`` of each call. Callers get what
+    the original call returned.
 
     Example::
 
@@ -273,7 +297,76 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
             out, probs = explicit_sdpa(*args, **kwargs)
             self.on_probs(probs)
             return out
+        if func is F.multi_head_attention_forward:
+            result, probs = _mha_call_with_weights(func, args, kwargs)
+            self.on_probs(probs)
+            return result
         return func(*args, **kwargs)
+
+
+# -- torch.nn leaf modules holding MultiheadAttention (nn.TransformerEncoderLayer ...) --
+def _calling_module(candidates: dict[int, str]) -> str | None:
+    """Path of the innermost running module (a frame's ``self``) among ``candidates``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = candidates.get(id(frame.f_locals.get("self")))
+        if path is not None:
+            return path
+        frame = frame.f_back
+    return None
+
+
+def run_exposing_probs(module: torch.nn.Module, paths: tuple[str, ...], *args: Any, **kwargs: Any):
+    """Call a leaf ``module`` (e.g. ``nn.TransformerEncoderLayer``) under
+    :class:`ExplicitAttentionMode`; return ``(output, probs)`` with one probability
+    tensor per MultiheadAttention submodule, in the order of ``paths`` (relative paths).
+
+    Example::
+
+        >>> out, (probs,) = run_exposing_probs(layer, ("self_attn",), x)
+    """
+    candidates = {id(module.get_submodule(p)): p for p in paths}
+    found: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+
+    def on_probs(probs: torch.Tensor) -> None:
+        owner = _calling_module(candidates)
+        if owner is not None:
+            found[owner].append(probs)
+
+    with ExplicitAttentionMode(on_probs):
+        output = module(*args, **kwargs)
+    for path, calls in found.items():
+        if len(calls) != 1:
+            raise RuntimeError(
+                f"fxcapture: {type(module).__name__}.{path} ran {len(calls)} times in one call, "
+                "so its attention probabilities have no single key; capture them at run time "
+                "(fallback='always')"
+            )
+    return output, tuple(found[p][0] for p in paths)
+
+
+def _expose_leaf(result: TraceResult, node: fx.Node, module: torch.nn.Module) -> None:
+    """Replace a call of a torch.nn leaf holding MultiheadAttention modules by
+    :func:`run_exposing_probs`; each MHA gets the locals ``attn_probs``/``attn_probs_mean``."""
+    graph = result.graph
+    paths = tuple(p for p, m in module.named_modules() if isinstance(m, torch.nn.MultiheadAttention))
+    owner = node.target
+    with graph.inserting_before(node):
+        holder = _new_node(graph, owner, "get_attr", owner, ())
+        call = _new_node(graph, owner, "call_function", run_exposing_probs,
+                         (holder, paths, *node.args), dict(node.kwargs))  # fmt: skip
+        output = _new_node(graph, owner, "call_function", operator.getitem, (call, 0))
+        locals_ = []
+        for i, path in enumerate(paths):
+            probs = _new_node(graph, owner, "call_function", operator.getitem, (call, 1))
+            probs = _new_node(graph, owner, "call_function", operator.getitem, (probs, i))
+            mean = _new_node(graph, owner, "call_method", "mean", (probs,), {"dim": -3})
+            locals_ += [(f"{owner}.{path}", PROBS, probs), (f"{owner}.{path}", PROBS_MEAN, mean)]
+    node.replace_all_uses_with(output)
+    _substitute_records(result, node, output)
+    graph.erase_node(node)
+    for path, name, value in locals_:
+        result.locals.append(LocalRecord(path, MHA_FUNCTION, name, value))
 
 
 def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: str) -> None:
@@ -292,10 +385,10 @@ def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: s
     for node in list(result.graph.nodes):
         if _is_sdpa(node):
             _decompose_sdpa(result, node)
-        elif node.op == "call_module" and isinstance(
-            modules.get(node.target), torch.nn.MultiheadAttention
-        ):
+        elif node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.MultiheadAttention):
             _expose_mha(result, node)
+        elif node.op == "call_module" and _holds_mha(modules.get(node.target)):
+            _expose_leaf(result, node, modules[node.target])
     result.graph.lint()
 
 
@@ -309,4 +402,5 @@ __all__ = [
     "check_mode",
     "expose_attention_weights",
     "explicit_sdpa",
+    "run_exposing_probs",
 ]

@@ -140,20 +140,76 @@ def match(catalogue: Catalogue, selector: Selector) -> list[NameInfo]:
     return found
 
 
+# op names of run-time records (function names) that compute fused attention
+_FUSED_OPS = ("scaled_dot_product_attention", "sdpa", "flash_attention", "flex_attention")
+
+
+def fused_attention_sites(catalogue: Catalogue, root: torch.nn.Module | None) -> list[str]:
+    """Where the model computes attention without materialising the map: fused
+    ``F.scaled_dot_product_attention`` graph nodes, run-time sdpa helpers (transformers),
+    modules with ``fused_attn=True`` (timm) and ``nn.MultiheadAttention``.
+
+    Example::
+
+        >>> fused_attention_sites(catalogue, vit)[:1]
+        ['blocks.0.attn (Attention, fused_attn=True)']
+    """
+    sites: dict[str, str] = {}
+    for r in catalogue:
+        op = str(r.op)
+        if any(name in op for name in _FUSED_OPS):
+            sites.setdefault(r.module, op.rpartition(" ")[2])
+    if root is not None:
+        for path, module in root.named_modules():
+            if getattr(module, "fused_attn", False) is True:
+                sites.setdefault(path, f"{type(module).__name__}, fused_attn=True")
+            elif isinstance(module, torch.nn.MultiheadAttention):
+                sites.setdefault(path, "MultiheadAttention")
+    return [f"{path or '(root)'} ({how})" for path, how in sites.items()]
+
+
 def _attention_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module | None) -> str:
     if not any(word in selector for word in _ATTENTION_WORDS) or selector.endswith(PROBS_NAMES):
         return ""
-    fused = any(r.kind == NODE and "scaled_dot_product_attention" in r.op for r in catalogue)
-    if root is not None:
-        fused = fused or any(isinstance(m, torch.nn.MultiheadAttention) for m in root.modules())
-    if not fused:
+    sites = fused_attention_sites(catalogue, root)
+    if not sites:
         return ""
+    more = f" and {len(sites) - 2} more" if len(sites) > 2 else ""
     return (
-        " The model computes attention with a fused kernel (F.scaled_dot_product_attention "
-        "or nn.MultiheadAttention), so the attention map never exists as a tensor: capture "
-        "'attn_probs' instead (the probabilities of every attention layer), or pass "
-        "attention='weights'."
+        f" The model computes attention with a fused kernel ({', '.join(sites[:2])}{more}), "
+        "so the attention map never exists as a tensor: capture 'attn_probs' instead "
+        "(the probabilities of every attention layer, e.g. '<module>:attn_probs'), which "
+        "computes those layers explicitly."
     )
+
+
+def _path_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module, leaves) -> str:
+    """Why a module path in ``selector`` gives nothing: inside a leaf, or did not run."""
+    path = selector.partition(":")[0].partition("@")[0]
+    modules = dict(root.named_modules())
+    inside = [leaf for leaf in leaves if leaf and path.startswith(leaf + ".")]
+    if inside:
+        leaf = modules.get(inside[0])
+        if leaf is not None and type(leaf).__module__.startswith("torch.nn"):
+            probs = (
+                f", or its attention probabilities '{inside[0]}.**:attn_probs'"
+                if any(isinstance(m, torch.nn.MultiheadAttention) for m in leaf.modules())
+                else ""
+            )
+            return (
+                f" '{path}' is inside '{inside[0]}' ({type(leaf).__name__}), a torch.nn module "
+                f"that runs as one op: capture '{inside[0]}' instead{probs}."
+            )
+        return (
+            f" '{path}' is inside '{inside[0]}', which runs as one op (a leaf module): "
+            f"capture '{inside[0]}' instead, or leave it out of leaf_modules."
+        )
+    if path and path in modules and not any(r.module == path for r in catalogue):
+        return (
+            f" The module '{path}' exists but did not run on the traced input "
+            "(its forward was not called)."
+        )
+    return ""
 
 
 def unknown_selector_error(
@@ -171,22 +227,9 @@ def unknown_selector_error(
         )
     hint = ""
     if root is not None and not is_glob(selector):
-        path = selector.partition(":")[0].partition("@")[0]
-        modules = dict(root.named_modules())
-        inside = [leaf for leaf in leaves if leaf and path.startswith(leaf + ".")]
-        if inside:
-            hint = (
-                f" '{path}' is inside '{inside[0]}', which runs as one op (a leaf module): "
-                f"capture '{inside[0]}' instead, or leave it out of leaf_modules."
-            )
-        elif path in modules and ":" not in selector:
-            hint = (
-                f" The module '{path}' exists but did not run on this input "
-                "(its forward was not called)."
-            )
+        hint = _path_hint(selector, catalogue, root, leaves)
+    if isinstance(selector, str):
         hint += _attention_hint(selector, catalogue, root)
-    elif isinstance(selector, str):
-        hint = _attention_hint(selector, catalogue, root)
     candidates = {r.base for r in catalogue if r.kind != NODE}
     candidates |= {r.variable for r in catalogue if r.kind == LOCAL}
     candidates |= {r.key for r in catalogue if r.kind == NODE}

@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .attention import check_mode
-from .select import Names
+from .select import PROBS_NAMES, Names, glob_match, is_glob, selector_pairs
 
 FALLBACKS = ("auto", "never", "always")
 INPUT = "<graph input>"  # an optional argument given a tensor: a graph input, not a constant
@@ -61,6 +62,8 @@ class CaptureSpec:
             raise CaptureError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.attention is not None:
             check_mode(self.attention)
+        elif asks_for_probabilities(self.names):
+            object.__setattr__(self, "attention", "weights")
         for leaf in self.leaf_modules:
             if not isinstance(leaf, (type, str)):
                 raise CaptureError(
@@ -82,6 +85,43 @@ class CaptureSpec:
     def replace(self, **changes: Any) -> "CaptureSpec":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _local_part(selector: str) -> str | None:
+    """The part of a selector that is matched against local variable names, if any."""
+    if ":" in selector:
+        return selector.rpartition(":")[2].partition("@")[0]
+    if "." not in selector and "%" not in selector:
+        return selector.partition("@")[0]  # a bare local name (or bare glob)
+    if "**" in selector:  # crosses components: may end in ':attn_probs'
+        return re.split(r"[.:@]", selector)[-1]
+    return None
+
+
+def asks_for_probabilities(names: Any) -> bool:
+    """Does a string selector name ``attn_probs``/``attn_probs_mean``, or a glob that
+    could match them? Then fused attention must be made explicit (``attention="weights"``).
+
+    Example::
+
+        >>> asks_for_probabilities(["layer4", "blocks.3.attn:attn_probs"])
+        True
+        >>> asks_for_probabilities("blocks.*.attn:attn")
+        False
+    """
+    try:
+        pairs = selector_pairs(names)
+    except TypeError:
+        return False  # a bad ``names`` is reported where it is resolved
+    for _, selector in pairs:
+        if not isinstance(selector, str):
+            continue
+        local = _local_part(selector)
+        if local is None:
+            continue
+        if local in PROBS_NAMES or (is_glob(local) and any(glob_match(local, p) for p in PROBS_NAMES)):
+            return True
+    return False
 
 
 class FunctionModule(torch.nn.Module):

@@ -64,8 +64,23 @@ def test_timm_fused_vit_probabilities_equal_unfused(fused_vit):
 def test_default_keeps_the_fused_kernel(fused_vit):
     ex = capture(fused_vit, ["blocks.0.attn"])
     assert len(_sdpa_nodes(ex.graph)) == 12
-    with pytest.raises(ValueError, match="attn_probs"):
-        capture(fused_vit, ["attn_probs"])
+    with pytest.raises(ValueError, match="fused kernel.*capture 'attn_probs'"):
+        capture(fused_vit, ["blocks.0.attn:attn"])
+
+
+@pytest.mark.parametrize("selector", ["attn_probs", "blocks.3.attn:attn_probs", "blocks.*.attn:attn_prob?"])
+def test_asking_for_probabilities_needs_no_option(fused_vit, selector):
+    x = torch.randn(1, 3, 224, 224)
+    ex = capture(fused_vit, selector)
+    with torch.no_grad():
+        out, feats = ex(x)
+        ref_out = fused_vit(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    expected = _unfused_attention_maps(fused_vit, x)
+    keys = [f"blocks.{i}.attn:attn_probs" for i in range(12)]
+    assert list(feats) == (["blocks.3.attn:attn_probs"] if "3" in selector else keys)
+    for key in feats:
+        torch.testing.assert_close(feats[key], expected[int(key.split(".")[1])], atol=1e-6, rtol=1e-5)
 
 
 def test_unknown_mode_is_a_clear_error(fused_vit):
