@@ -138,7 +138,8 @@ def image():
 
 def timm_vit_small(**kwargs) -> nn.Module:
     """timm vit_small_patch16_224, random weights, fused attention off per block."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
     for block in model.blocks:

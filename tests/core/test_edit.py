@@ -3,8 +3,6 @@ that replace module outputs and against manual forwards written from the weights
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn as nn
@@ -306,17 +304,9 @@ def test_structure_and_shape_mistakes_are_explained():
 
 
 # -- the run-time fallback (transformers models do not fx-trace) -----------------------------------
-def _supports_fallback() -> bool:
-    return "fallback" in inspect.signature(capture).parameters
-
-
-@pytest.mark.skipif(
-    not _supports_fallback(),
-    reason="capture() has no `fallback` argument yet: GPT-2 does not fx-trace, and edits "
-    "through the run-time fallback (hooks that replace module outputs) are the lead's part",
-)
 def test_steering_gpt2_residual_stream_through_the_fallback_equals_a_hook():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
         bos_token_id=0, eos_token_id=0, attn_implementation="eager",

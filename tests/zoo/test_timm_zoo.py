@@ -6,8 +6,6 @@ import pytest
 
 import zoo_checker as zc
 
-pytest.importorskip("timm")
-
 
 def _assert_conforms(name: str) -> None:
     model, x = zc.build_timm(name)

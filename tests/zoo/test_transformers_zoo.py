@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import hf_models
 import zoo_checker as zc
-
-pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(
-    not zc.has_fallback(),
-    reason="transformers models do not fx-trace; they need capture(..., fallback='auto'), "
-    "which this fxcapture does not have yet",
-)
-
-import hf_models  # noqa: E402
 
 CI_HF = ["gpt2"]
 

@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import inspect
 import random
 import re
 import sys
@@ -526,8 +525,3 @@ def check_model(model: nn.Module, x: torch.Tensor, name: str = "", **capture_kwa
         model.eval()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def has_fallback() -> bool:
-    """True once ``fxcapture.capture`` accepts ``fallback=`` (needed for transformers)."""
-    return "fallback" in inspect.signature(fxcapture.capture).parameters
