@@ -1,20 +1,18 @@
 """Smoke tests of the benchmark scripts: each ``main`` runs at tiny sizes and its tables
-have the expected rows and columns, and every method returned the same values."""
+have the expected rows and columns, and every method returned the same values.
+Timings themselves are never asserted (they are what the scripts report)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import common, compiled, overhead, peers
-
-pytest.importorskip("timm")
 
 QUICK = ["--quick", "--rounds", "1", "--iters", "1", "--device", "cpu", "--threads", "1"]
 
@@ -36,14 +34,21 @@ def column(table: common.Table, rows: list[list[str]], header: str) -> list[str]
 
 
 # -- common helpers -------------------------------------------------------------------------
-def test_interleaved_ratio_of_known_durations():
-    timings = common.time_interleaved(
-        {"short": lambda: time.sleep(0.004), "long": lambda: time.sleep(0.012)}, rounds=5, warmup=0
-    )
-    assert len(timings["short"].times) == len(timings["long"].times) == 5
-    assert timings["short"].best >= 0.004 and timings["long"].best >= 0.012
-    assert 1.5 < common.ratio(timings, "long", "short") < 4.0
-    assert common.ratio(timings, "short", "short") == 1.0
+def test_interleaved_timing_rotates_the_order_and_times_every_round():
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = common.time_interleaved(contenders, rounds=3, warmup=1, iters=2)
+    # warm-up once each, then two calls each per round, each round starting one later
+    assert calls == list("abc" + "aabbcc" + "bbccaa" + "ccaabb")
+    for name in "abc":
+        assert len(timings[name].times) == 3
+        assert timings[name].best == min(timings[name].times)
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    timings = {"a": common.Timing("a", [2.0, 4.0, 9.0]), "b": common.Timing("b", [1.0, 2.0, 3.0])}
+    assert common.ratio(timings, "a", "b") == 2.0  # median of 2, 2, 3
+    assert common.ratio(timings, "b", "b") == 1.0
 
 
 def test_peak_memory_counts_a_known_allocation():
@@ -81,12 +86,9 @@ def test_overhead_quick(tmp_path, monkeypatch, capsys):
         assert column(table, rows, "method") == overhead.METHODS
         assert column(table, rows, "same values") == ["yes"] * 4
         assert column(table, rows, "x plain")[0] == "1.000"
-        assert float(column(table, rows, "build s")[1]) > 0  # fxcapture's build was timed
+        float(column(table, rows, "build s")[1])  # fxcapture's build was timed: a number
     gpt2 = tables[1]
-    if overhead.fallback_available():
-        assert column(gpt2, gpt2.rows, "same values") == ["yes"] * 5
-    else:
-        assert "n/a: fallback not available" in gpt2.rows[0]
+    assert column(gpt2, gpt2.rows, "same values") == ["yes"] * 5
     printed = capsys.readouterr().out
     assert "| model" in printed and "threads 1, batch 2" in printed
     assert "resnet50" in (tmp_path / "overhead.md").read_text()
@@ -118,7 +120,7 @@ def test_peers_quick_without_torchlens():
         values = dict(zip(column(table, rows, "method"), column(table, rows, "same values")))
         assert all(values[m] == "yes" for m in ("plain", "fxcapture", "torchvision", "hooks"))
         assert values["get_local"] == "yes" or values["get_local"].startswith("n/a")
-        assert all(float(p) > 0 for p in column(table, rows, "peak MiB")[:4])
+        assert all(float(p) > 0 for p in column(table, rows, "peak MiB")[:4])  # memory, not time
     resnet_get_local = rows_of(table, "resnet50")[4]
     assert resnet_get_local[-1].startswith("n/a")  # locals only: resnet50 captures module outputs
 
@@ -137,4 +139,4 @@ def test_peers_torchlens_worker_in_its_own_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["same_values"] == "yes"
-    assert result["ratio"] > 1
+    float(result["ratio"])  # reported, never asserted
