@@ -1,7 +1,8 @@
 """Command line: ``fxcapture demo | names | extract | graph``.
 
 Shell code only: each command is a module of this package with ``add_cli_arguments``
-and ``run_cli``; the library packages never import from here. Errors a user can fix
+and ``run_cli``, plus the model specs (``models``) and the demo; it may import every
+package, and the library packages never import from here. Errors a user can fix
 end with a one-line message and exit status 2, never a traceback.
 """
 
