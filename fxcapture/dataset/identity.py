@@ -1,5 +1,10 @@
 """A run's identity: stable descriptions of everything that changes its rows.
 
+Callables are described by their code (a hash of bytecode, constants, names and closure
+values), not only their name, so two lambdas differ; the weights by a full integer
+checksum of every tensor; the data by a content fingerprint of a few items (plus paths,
+sizes and modification times of the files of a folder dataset).
+
 Example::
 
     >>> describe({"reduce": "mean", "fn": torch.mean})
@@ -8,43 +13,166 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import os
+import types
 from typing import Any, Mapping
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+from .._util.tree import leaves
+
+_SAMPLED_ITEMS = 8  # items of a dataset hashed for its fingerprint
 
 
-def describe(obj: Any) -> Any:
-    """A JSON-able, stable description (callables by qualified name)."""
+def _code_hash(code: types.CodeType, h: Any) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_hash(const, h)
+        else:
+            h.update(repr(const).encode())
+
+
+def code_fingerprint(fn: Any) -> str | None:
+    """A hash of what a Python callable computes: its code, defaults and closure values."""
+    target = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    if not isinstance(target, types.FunctionType):
+        call = getattr(type(fn), "__call__", None)
+        if not isinstance(call, types.FunctionType):
+            return None  # a builtin: its name is its identity
+        target = call
+    h = hashlib.sha256()
+    _code_hash(target.__code__, h)
+    h.update(repr(describe(target.__defaults__)).encode())
+    for cell in target.__closure__ or ():
+        try:
+            h.update(repr(describe(cell.cell_contents)).encode())
+        except ValueError:  # an empty cell
+            pass
+    if target is not fn and not isinstance(fn, types.MethodType):
+        h.update(repr(describe(vars(fn) if hasattr(fn, "__dict__") else None)).encode())
+    return h.hexdigest()[:12]
+
+
+def describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able, stable description (callables by qualified name and code hash)."""
+    if depth > 6:
+        return type(obj).__qualname__
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
+    if isinstance(obj, torch.Tensor):
+        return f"tensor{tuple(obj.shape)}:{tensor_checksum(obj)}"
     if isinstance(obj, Mapping):
-        return {str(k): describe(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list, set)):
-        return [describe(v) for v in obj]
+        return {str(k): describe(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [describe(v, depth + 1) for v in items]
     if isinstance(obj, type):
         return f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, functools.partial):
+        return {"partial": describe(obj.func, depth + 1), "args": describe(obj.args, depth + 1),
+                "kwargs": describe(obj.keywords, depth + 1)}  # fmt: skip
+    if isinstance(obj, torch.nn.Module):
+        return f"{type(obj).__qualname__}:{model_fingerprint(obj)}"
     if callable(obj):
         name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-        return f"{getattr(obj, '__module__', '?')}.{name}"
+        code = code_fingerprint(obj)
+        return f"{getattr(obj, '__module__', '?')}.{name}" + (f"#{code}" if code else "")
     return repr(obj)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's state: names, shapes, dtypes and a strided sample of every tensor.
+def tensor_checksum(t: torch.Tensor) -> str:
+    """An exact checksum of every byte of ``t`` (integer sums, on its own device): the same
+    in every process and every run, and cheap on a GPU."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return "empty"
+    raw = flat.view(torch.uint8)
+    wide = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    x = wide.to(torch.int64)
+    weights = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64) % 65521 + 1
+    return f"{int(x.sum())}.{int((x * weights).sum())}"
 
-    Exact (no float reduction), so every process and every run agree on it.
-    """
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's state: names, shapes, dtypes and a checksum of every tensor."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            flat = t.detach().reshape(-1)
-            if flat.numel():
-                sample = flat[:: max(1, flat.numel() // 4096)]
-                if sample.is_complex():
-                    sample = torch.view_as_real(sample)
-                h.update(sample.to("cpu", torch.float64).numpy().tobytes())
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{tensor_checksum(t)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _value_hash(value: Any, h: Any) -> None:
+    for t in leaves(value):
+        h.update(f"{tuple(t.shape)}{t.dtype}{tensor_checksum(t)}".encode())
+    if not leaves(value):
+        h.update(repr(value).encode())
+
+
+def _files(dataset: Any) -> list | None:
+    """Paths of a folder dataset (torchvision ``ImageFolder`` and alike: ``samples`` or ``imgs``)."""
+    for attr in ("samples", "imgs", "files"):
+        items = getattr(dataset, attr, None)
+        if isinstance(items, list) and items:
+            return items
+    return None
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """The identity of a map-style dataset: its length, a hash of a few items' tensors, and
+    for a folder dataset the paths, sizes and modification times of its files."""
+    n = len(dataset)
+    h = hashlib.sha256()
+    picks = sorted({round(i * (n - 1) / max(1, _SAMPLED_ITEMS - 1)) for i in range(min(n, _SAMPLED_ITEMS))})
+    for i in picks:
+        _value_hash(dataset[i], h)
+    found: dict[str, Any] = {"type": type(dataset).__qualname__, "items": n, "content": h.hexdigest()[:16]}
+    files = _files(dataset)
+    if files is not None:
+        fh = hashlib.sha256()
+        for item in files:
+            path = item[0] if isinstance(item, (tuple, list)) else item
+            try:
+                st = os.stat(path)
+                fh.update(f"{item!r}{st.st_size}{st.st_mtime_ns}".encode())
+            except (OSError, TypeError):
+                fh.update(repr(item).encode())
+        found["files"] = fh.hexdigest()[:16]
+    transform = getattr(dataset, "transform", None)
+    if transform is not None:
+        found["transform"] = f"{transform!r}"[:2000]
+    return found
+
+
+def not_resumable(data: Any) -> str | None:
+    """Why ``data``'s rows cannot be resumed by position (``None`` if they can)."""
+    if isinstance(data, DataLoader):
+        if not isinstance(data.dataset, IterableDataset) and type(data.sampler) is not SequentialSampler:
+            return (f"the DataLoader's sampler is a {type(data.sampler).__name__} (shuffle=True?): its rows "
+                    "come in another order each run")  # fmt: skip
+        return None
+    if inspect.isgenerator(data) or (hasattr(data, "__next__") and iter(data) is data):
+        return f"a {type(data).__name__} is an iterator: it is consumed once and cannot be read again"
+    return None
+
+
+def iterable_fingerprint(data: Any) -> str | None:
+    """A content hash of the first batches of a re-iterable sequence (a list of batches)."""
+    if not isinstance(data, (list, tuple)):
+        return None
+    h = hashlib.sha256()
+    step = max(1, len(data) // _SAMPLED_ITEMS)
+    for batch in data[::step]:
+        _value_hash(batch, h)
     return h.hexdigest()[:16]

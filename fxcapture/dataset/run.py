@@ -27,161 +27,59 @@ Command line::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
-from .._util.tree import tree_map
 from .._version import __version__
 from ..core.api import capture
 from .distributed import Group
-from .identity import describe, model_fingerprint
-from .reduce import OUTPUT_KEY, Reducer, apply_reducer, resolve_reducers
-from .sources import Batch, make_source
-from .storage import (
-    ChunkWriter,
-    complete_chunks,
-    file_names,
-    finalize,
-    load,
-    prepare_output,
-    remove_temporaries,
-    uncovered,
-)
-from .transfer import ToHost
+from .identity import data_fingerprint, describe, iterable_fingerprint, model_fingerprint, not_resumable
+from .lock import OutputLock
+from .loop import Loop, autocast_context
+from .output import chunk_tokens, complete_chunks, finalize, prepare_output, remove_temporaries, uncovered
+from .progress import NoProgress, progress, say
+from .reduce import OUTPUT_KEY, Reducer, resolve_reducers
+from .sources import make_source
+from .store import Features, load
 
-CHUNK_BYTES = 16 * 2**20  # default chunk size on disk (and of the writer's buffer)
+STORE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _dtype(value: Any) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        dtype = value
-    else:
-        dtype = getattr(torch, str(value).removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {value!r}: use e.g. 'float16' or 'float32'")
-    if dtype == torch.bfloat16:
-        raise ValueError("numpy has no bfloat16: store features as float16 or float32")
-    return dtype
+    """The storage dtype: ``None`` (as computed) or a floating dtype by name."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in STORE_DTYPES:
+        raise ValueError(f"dtype={value!r} cannot store features: use one of {', '.join(STORE_DTYPES)} (or None)")
+    return getattr(torch, name)
 
 
-def _autocast(device: torch.device, autocast: Any) -> contextlib.AbstractContextManager:
-    if autocast is None or autocast is False:
-        return contextlib.nullcontext()
-    if autocast is True:
-        return torch.autocast(device.type)
-    dtype = autocast if isinstance(autocast, torch.dtype) else getattr(torch, str(autocast), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"autocast must be True, False or a dtype such as 'bfloat16', got {autocast!r}")
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# -- progress ------------------------------------------------------------------------------
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool | None, total: int | None, desc: str) -> Any:
-    """A tqdm bar in samples/s; ``None``: only when stderr is a terminal."""
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return _NoBar()
+def _device(device: Any, model: torch.nn.Module) -> torch.device:
+    """``device`` checked: a known type, and present on this machine."""
+    if device is None:
+        return _model_device(model)
     try:
-        from tqdm import tqdm
-    except ImportError as err:
-        if enabled:
-            raise ImportError('progress=True needs tqdm: pip install tqdm') from err
-        return _NoBar()
-    return tqdm(total=total, unit="samples", desc=desc, dynamic_ncols=True, smoothing=0.1)
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:1' or 'mps' ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but no CUDA GPU is available here: use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' but MPS is not available here: use device='cpu'")
+    return device
 
 
-@dataclass
-class _Run:
-    """What one process does: run its batches, stream them to the writer."""
-
-    extractor: torch.nn.Module
-    out: Path
-    device: torch.device
-    reduce: Any
-    output: bool
-    dtype: torch.dtype | None
-    autocast: Any
-    chunk_size: int | None
-    max_pending: int
-    bar: Any
-    rows_done: int = 0
-    specs: dict[str, tuple] = field(default_factory=dict)
-
-    def __call__(self, batches: Iterator[Batch]) -> None:
-        writer: ChunkWriter | None = None
-        to_host = ToHost(self.device, self.max_pending + 2)
-        reducers: dict[str, Callable | None] | None = None
-        try:
-            with torch.inference_mode(), _autocast(self.device, self.autocast):
-                for batch in batches:
-                    args, kwargs = tree_map(self._to_device, (batch.args, batch.kwargs))
-                    out, feats = self.extractor(*args, **kwargs)
-                    if self.output:
-                        if OUTPUT_KEY in feats:
-                            raise ValueError(
-                                f"a captured key is called {OUTPUT_KEY!r}: give it an alias to store the output too"
-                            )
-                        feats = {OUTPUT_KEY: out, **feats}
-                    if reducers is None:
-                        catalogue = getattr(self.extractor, "catalogue", None)
-                        reducers = resolve_reducers(self.reduce, list(feats), catalogue)
-                    mask = kwargs.get("attention_mask")  # reducers skip padding
-                    values = {k: apply_reducer(k, reducers.get(k), v, batch.rows, self.dtype, mask=mask)
-                              for k, v in feats.items()}  # fmt: skip
-                    self._check(values)
-                    if writer is None:
-                        writer = ChunkWriter(self.out, self._chunk_rows(values, batch.rows),
-                                             file_names(values), self.max_pending).start()  # fmt: skip
-                    host, ready, release = to_host(values)
-                    writer.put(batch.start, host, ready, release)
-                    self.rows_done += batch.rows
-                    self.bar.update(batch.rows)
-            if writer is not None:
-                writer.close()
-        except BaseException:  # Ctrl-C too: only complete chunks stay on disk
-            if writer is not None:
-                writer.abort()
-            raise
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=True)
-
-    def _check(self, values: dict[str, torch.Tensor]) -> None:
-        specs = {k: (tuple(v.shape[1:]), v.dtype) for k, v in values.items()}
-        if not self.specs:
-            self.specs = specs
-        elif specs != self.specs:
-            changed = [k for k in set(specs) | set(self.specs) if specs.get(k) != self.specs.get(k)]
-            k = changed[0]
-            raise ValueError(
-                f"{k!r} changed from (rows, {self.specs.get(k)}) to (rows, {specs.get(k)}) between batches: "
-                "every row must have one shape and dtype; reduce it to a fixed shape (reduce='mean')"
-            )
-
-    def _chunk_rows(self, values: dict[str, torch.Tensor], batch_rows: int) -> int:
-        if self.chunk_size is not None:
-            if self.chunk_size < 1:
-                raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-            return self.chunk_size
-        row_bytes = sum(v[0].numel() * v.element_size() for v in values.values()) or 1
-        rows = max(1, CHUNK_BYTES // row_bytes)
-        return max(batch_rows, rows // batch_rows * batch_rows)  # whole batches: resume keeps batches
+def _check_names(names: Any) -> None:
+    if names is None or (isinstance(names, (list, tuple, dict, set, str)) and not names):
+        raise ValueError(f"names={names!r} selects nothing: give what to store, e.g. names=['layer4']")
 
 
 def extract(
@@ -206,7 +104,11 @@ def extract(
     data_name: str | None = None,
     capture_options: Mapping[str, Any] | None = None,
     max_pending: int = 4,
-) -> dict[str, np.ndarray]:
+    max_tokens: int | None = None,
+    identity: Mapping[str, Any] | None = None,
+    flush_seconds: float = 30.0,
+    log_seconds: float = 30.0,
+) -> Features:
     """Run ``data`` through ``model`` and store the values ``names`` selects under ``out``.
 
     Args:
@@ -217,36 +119,41 @@ def extract(
         data: a ``DataLoader``, a map-style ``Dataset`` (batched with ``batch_size``
             and ``num_workers``), a tensor of samples, or any iterable of batches. A
             batch is a tensor (the input), a tuple/list (its first item is the input:
-            labels are ignored) or a dict (keyword arguments); ``inputs(batch)`` may
-            return the positional arguments (tuple) or keyword arguments (dict) instead.
-            Rows are stored in the order the data yields them.
-        out: output directory (see :mod:`fxcapture.storage` for the layout).
-        reduce: applied on the device before the copy: ``"mean"`` (over tokens of
-            ``(B, N, C)`` or positions of ``(B, C, H, W)``), ``"max"``, ``"cls"``
-            (``x[:, 0]``), ``"flatten"``, ``"none"``, a callable ``fn(value) -> tensor``,
-            or ``{selector: reducer}`` per key (keys, globs, or capture selectors). The
-            model output is stored whole unless ``{"output": reducer}`` is given.
+            labels are ignored) or a dict (keyword arguments, e.g. ``input_ids`` and
+            ``attention_mask``); ``inputs(batch)`` may return the positional arguments
+            (tuple) or keyword arguments (dict) instead. Rows are stored in the order
+            the data yields them.
+        out: output directory (see :mod:`fxcapture.dataset.storage` for the layout).
+        reduce: applied on the device before the copy: ``"mean"``, ``"max"``, ``"cls"``,
+            ``"last"``, ``"tokens"`` (one row per real token), ``"flatten"``, ``"none"``,
+            a callable, or ``{selector: reducer}`` per key (see :mod:`.reduce`).
         device: where the model runs (default: where its parameters are).
         autocast: ``True`` or a dtype: run under ``torch.autocast``.
-        dtype: store floating values as this dtype (``"float16"`` halves the copies).
-        output: also store the model output, under the key ``"output"``; otherwise the
-            graph is pruned after the last captured value.
+        dtype: store floating values as ``"float16"``, ``"bfloat16"`` (raw 16-bit on
+            disk), ``"float32"`` or ``"float64"``.
+        output: also store the model output, under the key ``"output"``.
         chunk_size: rows per chunk (default: whole batches filling about 16 MiB).
-        progress: a tqdm bar in samples/s; default: only when stderr is a terminal.
-        resume: continue an unfinished run of the same configuration in ``out`` (one
-            killed or stopped with Ctrl-C: its complete chunks are kept, the rest is run).
-        overwrite: replace an existing output (of any configuration).
+        progress: a tqdm bar; default: a bar on a terminal, a log line every
+            ``log_seconds`` otherwise; ``False``: silent.
+        resume: continue an unfinished run of the same identity in ``out``.
+        overwrite: replace an existing output (only what fxcapture wrote is removed).
         model_name, data_name: how the manifest names the model and the data (the
-            configuration also holds a fingerprint of the weights).
-        capture_options: more arguments of :func:`fxcapture.capture` (``leaf_modules``...).
+            identity also holds a checksum of the weights and a fingerprint of the data).
+        capture_options: more arguments of :func:`fxcapture.capture`.
         max_pending: batches queued for the writer before the loop waits for the disk.
+        max_tokens: with a per-token reducer, stop once this many tokens are stored
+            (a resumed run continues to the same budget).
+        identity: anything else that changes the rows (CLI options, transforms):
+            another identity in ``out`` is refused without ``overwrite``.
+        flush_seconds: a partial chunk whose first row waited this long is written.
 
     Returns:
-        ``fxcapture.load(out)``: ``{key: array}`` memory-mapped, rows in dataset order.
+        ``fxcapture.load(out)``: lazily mapped columns, rows in dataset order.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes a contiguous shard of
     a ``Dataset`` or sequential ``DataLoader``, writes its own chunks, and rank 0
-    finishes the output; every rank returns the whole result.
+    finishes the output; every rank returns the whole result. Rank 0 holds the
+    folder's lock: a second run into ``out`` is refused while this one writes.
 
     Example::
 
@@ -256,21 +163,26 @@ def extract(
         (10000, 768)
     """
     out = Path(out)
-    device = torch.device(device) if device is not None else _model_device(model)
+    _check_names(names)
+    device = _device(device, model)
     store_dtype = _dtype(dtype)
-    _autocast(device, autocast)  # checks the argument before any work
+    autocast_context(device, autocast)  # checks the argument before any work
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
     group = Group.from_env(device)
+    lock = None
     try:
         device = group.device(device)
         source = make_source(data, batch_size, num_workers, pin_memory=device.type == "cuda")
         if source.total == 0:
             raise ValueError("data holds no rows (an empty dataset): nothing to extract")
-        if group.world_size > 1 and source.total is None:
+        if group.world_size > 1 and (source.total is None or max_tokens is not None):
             raise ValueError(
                 "under torch.distributed, data must be a map-style Dataset or a DataLoader over one "
-                "with a sequential sampler, so that every process loads only its shard; "
-                f"got {type(data).__name__}"
+                "with a sequential sampler (and no max_tokens), so that every process loads only its "
+                f"shard; got {type(data).__name__}"
             )
+        reason = not_resumable(data)
         config = {
             "model": model_name or type(model).__qualname__,
             "model_fingerprint": model_fingerprint(model),
@@ -282,75 +194,106 @@ def extract(
             "inputs": describe(inputs),
             "capture_options": describe(capture_options),
             "data": data_name or source.describe(),
-            "data_files": source.files_hash(),
+            "data_fingerprint": _data_identity(data, source, reason),
             "rows": source.total,
+            "max_tokens": max_tokens,
+            "identity": describe(identity),
         }
         extractor = capture(model, names, keep_output=bool(output), **dict(capture_options or {}))
         if extractor.names and not getattr(extractor, "untraced", None):  # all keys known: check now
             resolve_reducers(reduce, [OUTPUT_KEY] * bool(output) + extractor.names, extractor.catalogue)
-        # rank 0 prepares the directory first; the others check it once it is ready
-        state = prepare_output(out, config, resume=resume, overwrite=overwrite) if group.primary else None
+        # rank 0 locks and prepares the folder first; the others check it once it is ready
+        if group.primary:
+            lock = OutputLock(out).acquire()
+            state = prepare_output(out, config, resume=resume, overwrite=overwrite, not_resumable=reason)
         group.barrier()
         if not group.primary:
             state = prepare_output(out, config, resume=resume, overwrite=overwrite, primary=False)
         if state == "finished":
+            if group.primary:
+                say(progress, f"{out} is already complete ({config['rows'] or 'all'} rows); nothing to do "
+                              "(overwrite=True / --overwrite computes it again)")  # fmt: skip
             return load(out)
-
-        previous = {m: m.training for m in model.modules()}
-        model.to(device)
-        extractor.eval()
-        try:
-            seen: dict[str, int] = {}
-            if source.total is not None:
-                lo, hi = group.shard(source.total, align=source.batch_size)
-                remove_temporaries(out, lo, hi)
-                todo = uncovered(complete_chunks(out), lo, hi)
-                batches = source.batches(todo, inputs, seen)
-                todo_rows = sum(b - a for a, b in todo)
-            else:
-                remove_temporaries(out)
-                skip = _stored_prefix(out)
-                batches = source.batches(skip, inputs, seen)
-                todo_rows = None
-            desc = f"extract (rank 0 of {group.world_size})" if group.world_size > 1 else "extract"
-            bar = _progress_bar(progress, todo_rows, desc) if group.primary else _NoBar()
-            run = _Run(extractor, out, device, reduce, bool(output), store_dtype, autocast, chunk_size,
-                       max_pending, bar)  # fmt: skip
-            started = time.perf_counter()
-            try:
-                run(batches)
-            finally:
-                bar.close()
-            elapsed = time.perf_counter() - started
-        finally:
-            for module, training in previous.items():
-                module.training = training
+        run, total = _run(model, extractor, out, device, group, source, data, dict(
+            reduce=reduce, output=bool(output), dtype=store_dtype, autocast=autocast, chunk_size=chunk_size,
+            max_pending=max_pending, max_tokens=max_tokens, flush_seconds=flush_seconds),
+            inputs, progress, log_seconds)  # fmt: skip
         group.barrier()
         if group.primary:
-            total = source.total if source.total is not None else seen.get("rows", 0)
             if total == 0:
                 raise ValueError("data holds no rows: nothing to extract")
             finalize(out, total, extra={
                 "fxcapture_version": __version__, "torch_version": torch.__version__,
-                "world_size": group.world_size,
-                "last_run": {"rows": run.rows_done, "seconds": round(elapsed, 3),
-                             "device": str(device)},
+                "world_size": group.world_size, "tokens": run.tokens_before + run.tokens_done or None,
+                "last_run": {"rows": run.rows_done, "seconds": round(run.seconds, 3), "device": str(device)},
             })  # fmt: skip
         group.barrier()
         return load(out)
     finally:
+        if lock is not None:
+            lock.release()
         group.close()
 
 
-def _stored_prefix(out: Path) -> int:
-    """Rows ``[0, n)`` already in complete chunks; later chunks (after a gap) are dropped."""
+def _data_identity(data: Any, source: Any, reason: str | None) -> Any:
+    """A content fingerprint of the data (see :mod:`.identity`); a marker when it has none."""
+    dataset = getattr(source, "dataset", None)
+    if dataset is not None:
+        return data_fingerprint(dataset)
+    if reason:
+        return f"not reproducible: {reason}"
+    return iterable_fingerprint(data) or describe(type(data))
+
+
+def _run(model: torch.nn.Module, extractor: torch.nn.Module, out: Path, device: torch.device, group: Group,
+         source: Any, data: Any, options: dict, inputs: Any, show: Any, log_seconds: float) -> tuple[Loop, int]:  # fmt: skip
+    """Compute the rows no complete chunk holds; ``(loop, total rows of the output)``."""
+    previous = {m: m.training for m in model.modules()}
+    model.to(device)
+    extractor.eval()
+    seen: dict[str, int] = {}
+    by_prefix = source.total is None or options["max_tokens"] is not None
+    try:
+        if not by_prefix:
+            lo, hi = group.shard(source.total, align=source.batch_size)
+            remove_temporaries(out, lo, hi)
+            todo = uncovered(complete_chunks(out), lo, hi)
+            batches = source.batches(todo, inputs, seen)
+            todo_rows, skip, tokens = sum(b - a for a, b in todo), 0, 0
+        else:
+            remove_temporaries(out)
+            skip, tokens = _stored_prefix(out)
+            ranges = [(skip, source.total)] if source.total is not None and skip < source.total else []
+            batches = source.batches(ranges if source.total is not None else skip, inputs, seen)
+            todo_rows = source.total - skip if source.total is not None and options["max_tokens"] is None else None
+        desc = f"extract (rank 0 of {group.world_size})" if group.world_size > 1 else "extract"
+        bar = progress(show, todo_rows, desc, log_seconds) if group.primary else NoProgress()
+        loop = Loop(extractor, out, device, bar=bar, tokens_before=tokens, todo_rows=todo_rows, **options)
+        started = time.perf_counter()
+        try:
+            loop(batches)
+        finally:
+            bar.close()
+        loop.seconds = time.perf_counter() - started
+    finally:
+        for module, training in previous.items():
+            module.training = training
+    total = source.total if not by_prefix else skip + loop.rows_done
+    return loop, total
+
+
+def _stored_prefix(out: Path) -> tuple[int, int]:
+    """``(rows, tokens)`` of rows ``[0, n)`` already in complete chunks; later chunks (after
+    a gap) are removed: without a row count, only a prefix can be resumed."""
     chunks = complete_chunks(out)
-    gaps = uncovered(chunks, 0, 2**62)
-    skip = gaps[0][0]
+    skip = uncovered(chunks, 0, 2**62)[0][0]
+    tokens = 0
     for c in chunks:
         if c.start >= skip:
             shutil.rmtree(c.path, ignore_errors=True)
-    return skip
+        else:
+            tokens += chunk_tokens(c)
+    return skip, tokens
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

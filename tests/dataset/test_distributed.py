@@ -56,4 +56,6 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["rows"] == 22
-    assert sorted(os.listdir(tmp_path / "two")) == ["blocks.1.npy", "blocks.3.npy", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "two")) == [".fxcapture.lock", "chunks", "manifest.json"]
+    # rank 0 has rows 0-11 (three batches), rank 1 rows 12-21: each writes its own chunks
+    assert [c["rows"] for c in manifest["chunks"]] == [[0, 4], [4, 8], [8, 12], [12, 16], [16, 20], [20, 22]]

@@ -26,7 +26,7 @@ from fxcapture import cli
 from fxcapture.dataset.reduce import resolve_reducers
 from fxcapture.dataset.sources import SyntheticImages
 from fxcapture.cli.models import TinyViT, build_model
-from fxcapture.dataset.storage import UnfinishedOutputError, complete_chunks
+from fxcapture.dataset.storage import Column, UnfinishedOutputError, complete_chunks
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -78,13 +78,14 @@ def test_values_equal_a_plain_loop(tmp_path):
     attn = [f"blocks.{i}.attn:attn" for i in range(4)]
     assert list(feats) == ["output", *attn[:2], "blocks.1", *attn[2:]]  # execution order
     for key, value in expected.items():
-        assert isinstance(feats[key], np.memmap)
+        assert isinstance(feats[key], Column) and isinstance(feats[key][:7], np.memmap)  # one chunk: a map
         np.testing.assert_allclose(feats[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["rows"] == 23 and manifest["names"] == list(feats)
     assert manifest["arrays"]["blocks.1"]["shape"] == [23, 96]
     assert manifest["arrays"]["blocks.0.attn:attn"]["dtype"] == "<f4"
-    assert not (tmp_path / "o" / "chunks").exists()
+    assert [c["rows"] for c in manifest["chunks"]] == [[0, 7], [7, 14], [14, 21], [21, 23]]
+    assert not (tmp_path / "o" / "run.json").exists()
 
 
 def test_resnet_dataloader_of_image_label_pairs_equals_hooks(resnet18, tmp_path):
@@ -154,12 +155,19 @@ def test_training_flags_are_restored_and_the_model_is_not_rewired(tmp_path):
 
 
 # -- Ctrl-C, resume, kill ---------------------------------------------------------------
-def interrupted(x: torch.Tensor, after: int):
-    """Batches of ``x`` that raise KeyboardInterrupt once ``after`` batches went out."""
-    for i, b in enumerate(x.split(2)):
-        if i == after:
-            raise KeyboardInterrupt
-        yield b
+class interrupted(list):
+    """The batches of ``x`` (a list: it can be read again), whose first reading raises
+    KeyboardInterrupt once ``after`` batches went out."""
+
+    def __init__(self, x: torch.Tensor, after: int):
+        super().__init__(x.split(2))
+        self.after = after
+
+    def __iter__(self):
+        for i, b in enumerate(super().__iter__()):
+            if i == self.after:
+                raise KeyboardInterrupt
+            yield b
 
 
 def test_ctrl_c_leaves_complete_chunks_and_resume_fills_the_rest(tmp_path):
@@ -167,14 +175,15 @@ def test_ctrl_c_leaves_complete_chunks_and_resume_fills_the_rest(tmp_path):
     kw = dict(out=tmp_path / "o", reduce="mean", chunk_size=4, data_name="x")
     with pytest.raises(KeyboardInterrupt):
         fxcapture.extract(model, "blocks.1", interrupted(x, after=5), **kw)  # 10 rows were computed
-    assert [(c.start, c.stop) for c in complete_chunks(tmp_path / "o")] == [(0, 4), (4, 8)]
-    with pytest.raises(UnfinishedOutputError, match="8 rows in complete chunks"):
+    # the 10 rows computed before Ctrl-C are written whole: full chunks and the partial one
+    assert [(c.start, c.stop) for c in complete_chunks(tmp_path / "o")] == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(UnfinishedOutputError, match="10 rows in complete chunks"):
         fxcapture.load(tmp_path / "o")
     ran = []
     count = lambda m, a: ran.append(a[0].shape[0]) if isinstance(a[0], torch.Tensor) else None  # noqa: E731
     model.patch_embed.register_forward_pre_hook(count)  # a leaf: the extractor calls it
     feats = fxcapture.extract(model, "blocks.1", list(x.split(2)), **kw)
-    assert sum(ran) == 6, "rows 0-7 are stored: only the 6 rows after them run again"
+    assert sum(ran) == 4, "rows 0-9 are stored: only the 4 rows after them run again"
     reference = fxcapture.extract(model, "blocks.1", x, out=tmp_path / "ref", reduce="mean", batch_size=2)
     np.testing.assert_array_equal(feats["blocks.1"], reference["blocks.1"])
 
@@ -250,7 +259,8 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     job = runpy.run_path(str(script))
     resumed = job["run"](out)
-    assert job["SlowImages"].fetched == 64 - stored, "only rows without a complete chunk are loaded again"
+    fingerprint = 8  # the identity hashes 8 items of the dataset
+    assert job["SlowImages"].fetched == 64 - stored + fingerprint, "only rows without a complete chunk are loaded again"
     reference = job["run"](tmp_path / "ref")
     for key in ("blocks.1", "blocks.2"):
         assert resumed[key].shape == (64, 96)
@@ -410,7 +420,7 @@ def test_cli_image_folder(tmp_path):
     np.testing.assert_allclose(feats["layer4"], seen["layer4"].mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(feats["layer3"], seen["layer3"].amax((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["model"] == "torchvision:resnet18" and manifest["config"]["data_files"]
+    assert manifest["model"] == "torchvision:resnet18" and manifest["config"]["data_fingerprint"]["files"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,65 @@
+"""One writer per output folder: an OS file lock (``flock``) on ``out/.fxcapture.lock``.
+
+The kernel drops the lock when its process ends, however it ends, so the lock of a
+killed run is simply taken over by the next one; the file holds the writer's host and
+pid for the message a second writer gets.
+
+Example::
+
+    >>> with OutputLock(Path("feats")):
+    ...     ...                     # no other fxcapture process writes feats/ meanwhile
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+LOCK_NAME = ".fxcapture.lock"
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing the output folder."""
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``folder/.fxcapture.lock`` (created if needed)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{self.folder} is being written by another fxcapture run ({holder}); wait for it "
+                "to finish, or choose another output folder"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing drops the flock; the file stays (removing it would race)
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
