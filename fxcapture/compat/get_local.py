@@ -101,11 +101,30 @@ class _FrameWatcher:
             self.frame = None  # drop the frame reference as soon as possible
 
 
+class _Cache(dict):
+    """``{"Qualname.var": [values]}``; Visualizer's key ``"Qualname"`` (its decorator took
+    one variable) reads the same list when that function records one variable (if
+    several such functions share the qualname, the one that recorded something)."""
+
+    def __missing__(self, key: str) -> list:
+        with get_local._lock:
+            candidates = [k for k in sorted(get_local._single.get(key, ())) if k in self]
+        if len(candidates) > 1:  # several one-variable functions share the qualname
+            candidates = [k for k in candidates if self[k]] or candidates
+        if len(candidates) == 1:
+            return self[candidates[0]]
+        if candidates:
+            raise KeyError(f"{key!r} is ambiguous: use one of {candidates}")
+        raise KeyError(key)
+
+
 class get_local:  # noqa: N801 - the seed tools' name, kept for drop-in compatibility
     """Decorator recording the named locals of a function each time it returns.
 
-    ``get_local.cache["Qualname.var"]`` is a list with one entry per call, made by
-    ``collate`` (default: :func:`default_collate`, tensors to numpy arrays). A
+    ``get_local.cache["Qualname.var"]`` (AnyCapture's key; Visualizer's ``"Qualname"``
+    reads the same list when the function records one variable) is a list with one
+    entry per call, made by ``collate`` (default: :func:`default_collate`, tensors to
+    numpy arrays). A
     local not yet assigned at the ``return`` that was taken is recorded as ``None``.
     Nothing is recorded until :meth:`activate` (the decorator costs one function
     call when inactive), nor inside ``torch.fx`` tracing (``fxcapture.capture``
@@ -126,12 +145,13 @@ class get_local:  # noqa: N801 - the seed tools' name, kept for drop-in compatib
         (2, 4, 4)
     """
 
-    cache: dict[str, list] = {}
+    cache: dict[str, list] = _Cache()
     is_activate: bool = False
     max_size: int | None = None
     collate: Collate = staticmethod(default_collate)
     _lock = threading.RLock()
     _keys: list[str] = []  # every key of every decorated function, for activate()
+    _single: dict[str, set[str]] = {}  # Visualizer key -> keys of one-variable decorators
 
     def __init__(self, *varnames: str, collate: Collate | None = None) -> None:
         if not varnames:
@@ -162,6 +182,8 @@ class get_local:  # noqa: N801 - the seed tools' name, kept for drop-in compatib
         cls = type(self)
         with cls._lock:
             cls._keys.extend(k for k in keys.values() if k not in cls._keys)
+            if len(keys) == 1:
+                cls._single.setdefault(qualname, set()).update(keys.values())
             if cls.is_activate:
                 for key in keys.values():
                     cls.cache.setdefault(key, [])

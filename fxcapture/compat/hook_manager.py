@@ -117,7 +117,8 @@ class HookManager:
 
     Args:
         model: the model whose modules are hooked (it is not modified otherwise).
-        max_size: keep only the last ``max_size`` outputs per key (None: all).
+        max_size: keep only the last ``max_size`` outputs per key (None, or TorchHook's
+            ``-1`` / ``0``: all).
 
     Every key holds a list (oldest first); :meth:`get_features` returns it.
     Use it as a context manager to remove the hooks on exit.
@@ -126,10 +127,12 @@ class HookManager:
     def __init__(self, model: nn.Module, max_size: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"HookManager needs an nn.Module, got {type(model).__name__}")
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
-            raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
+        if max_size is not None and (not isinstance(max_size, int) or max_size < -1):
+            raise ValueError(
+                f"max_size must be a positive int, or None / -1 / 0 for all, got {max_size!r}"
+            )
         self.model = model
-        self.max_size = max_size
+        self.max_size = max_size if max_size is None or max_size > 0 else None
         self.hooks: dict[str, RemovableHandle] = {}
         self.features: dict[str, list] = {}
         self._lock = threading.Lock()
@@ -220,6 +223,8 @@ class HookManager:
             raise ValueError(f"no hook with key {key!r}; registered keys: {', '.join(known)}")
         return self.features[key]
 
+    get = get_features
+
     def get_all(self) -> dict[str, list]:
         """``{key: [outputs]}`` for every key that has seen a forward."""
         return dict(self.features)
@@ -267,7 +272,8 @@ class HookManager:
                  f"{format_parameter_count(total)}"]  # fmt: skip
         if not self.hooks and not self.features:
             return lines[0] + "\nNo hooks have been registered."
-        lines.append(f"Registered Hooks: {len(self.hooks)} (max_size={self.max_size})")
+        size = self.max_size or "unlimited"
+        lines.append(f"Registered Hooks: {len(self.hooks)} (max_size={size})")
         rule = "-" * 80
         lines += [rule, "Captured Features Summary:",
                   f"{'Layer Key':<30}{'Feature Count':<20}{'Feature Shape':<30}", rule]  # fmt: skip

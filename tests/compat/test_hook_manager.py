@@ -212,7 +212,7 @@ def test_clear_errors(resnet):
     with pytest.raises(TypeError, match="nn.Module"):
         HookManager("model")
     with pytest.raises(ValueError, match="max_size"):
-        HookManager(model, max_size=0)
+        HookManager(model, max_size=-2)
 
 
 def test_format_parameter_count():
