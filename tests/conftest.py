@@ -145,3 +145,14 @@ def timm_vit_small(**kwargs) -> nn.Module:
     for block in model.blocks:
         block.attn.fused_attn = False
     return model
+
+
+def tiny_gpt2(vocab_size: int = 100, n_embd: int = 64) -> nn.Module:
+    """A 2-layer GPT-2 LM with random weights and eager attention, in eval mode."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=n_embd, n_head=4, vocab_size=vocab_size, n_positions=32,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fxcapture import capture
 from fxcapture.cli.models import TinyViT
 
-from conftest import assert_same, module_state, timm_vit_small
+from conftest import assert_same, module_state, timm_vit_small, tiny_gpt2
 
 
 def replace_output(module: nn.Module, fn):
@@ -305,13 +305,7 @@ def test_structure_and_shape_mistakes_are_explained():
 
 # -- the run-time fallback (transformers models do not fx-trace) -----------------------------------
 def test_steering_gpt2_residual_stream_through_the_fallback_equals_a_hook():
-    import transformers
-
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2()
     ids = torch.randint(0, 100, (2, 8))
     vector = torch.randn(64)
 

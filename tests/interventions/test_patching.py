@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_same, hook_values, module_state
+from conftest import assert_same, hook_values, module_state, tiny_gpt2
 from fxcapture.cli.models import TinyViT
 from fxcapture.interventions.patching import ALL, patch
 
@@ -214,20 +214,17 @@ class Fields:
     b: torch.Tensor
 
 
-class PairBlock(nn.Module):
-    def __init__(self):
+class Block(nn.Module):
+    """Returns ``make(h, 2 * h)``: a namedtuple or a dataclass."""
+
+    def __init__(self, make: type):
         super().__init__()
+        self.make = make
         self.lin = nn.Linear(4, 4)
 
     def forward(self, x):
         h = self.lin(x)
-        return Pair(h, h * 2)
-
-
-class FieldsBlock(PairBlock):
-    def forward(self, x):
-        h = self.lin(x)
-        return Fields(h, h.relu())
+        return self.make(h, h * 2)
 
 
 class Structured(nn.Module):
@@ -243,15 +240,15 @@ class Structured(nn.Module):
         return Pair(self.head(o.a + o.b), o.b.sum(-1))
 
 
-@pytest.mark.parametrize("block", [PairBlock, FieldsBlock])
-def test_a_module_returning_a_namedtuple_or_a_dataclass_is_patched_whole(block):
-    model = Structured(block()).eval()
+@pytest.mark.parametrize("make", [Pair, Fields])
+def test_a_module_returning_a_namedtuple_or_a_dataclass_is_patched_whole(make):
+    model = Structured(Block(make)).eval()
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     with torch.no_grad():
         clean, corrupted = model(a), model(b)
     expected = hook_patched(model, a, b, ["block"])
     assert_same(expected, clean)  # every path to the output goes through the block
-    leaf = [block]  # the block is one call: its value is the namedtuple / dataclass itself
+    leaf = [Block]  # the block is one call: its value is the namedtuple / dataclass itself
 
     loop = patch(model, ["block", "head"], a, b, batched=False, leaf_modules=leaf)
     stacked = patch(model, ["block", "head"], a, b, leaf_modules=leaf)
@@ -305,13 +302,7 @@ def test_mistakes_are_explained(vit):
 
 # -- through the run-time fallback -----------------------------------------------------------------
 def test_patching_a_gpt2_block_through_the_fallback_equals_hooks():
-    import transformers
-
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2()
     a, b = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
     result = patch(model, ["transformer.h.0"], {"input_ids": a, "use_cache": False},
                    {"input_ids": b, "use_cache": False})  # fmt: skip
