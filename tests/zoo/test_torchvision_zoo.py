@@ -9,11 +9,7 @@ import zoo_checker as zc
 
 
 def _assert_conforms(name: str) -> None:
-    model, x = zc.build_torchvision(name)
-    result = zc.check_model(model, x, name=name)
-    assert result.status != "failed", "\n".join([result.reason] + result.problems[:10])
-    assert result.n_modules > 0
-    assert result.fallback == {}, f"fell back for {result.fallback}"
+    zc.assert_conforms(*zc.build_torchvision(name), name)
 
 
 @pytest.mark.parametrize("name", zc.CI_TORCHVISION)

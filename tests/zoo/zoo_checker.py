@@ -416,15 +416,20 @@ def _module_keys(extractor_names: list[str], path: str) -> list[str]:
 def check_modules(model, x, feats, names, paths) -> list[str]:
     with torch.no_grad():
         hooked = module_calls(model, lambda: model(x), set(paths))
+    return module_differences(feats, names, paths, hooked, "module")
+
+
+def module_differences(feats, names, paths, hooked, label: str) -> list[str]:
+    """Each module's captured calls (``path``, ``path@i``) against what its hooks saw."""
     problems = []
     for path in paths:
         keys = _module_keys(names, path)
         expected = hooked.get(path, [])
         if len(keys) != len(expected):
-            problems.append(f"module {path}: {len(keys)} captured calls, hooks saw {len(expected)}")
+            problems.append(f"{label} {path}: {len(keys)} captured calls, hooks saw {len(expected)}")
             continue
         for key, value in zip(keys, expected):
-            problems += differences(feats[key], value, f"module {key}")
+            problems += differences(feats[key], value, f"{label} {key}")
     return problems
 
 
@@ -472,14 +477,7 @@ def check_train(model, x, extractor, names) -> list[str]:
     finally:
         extractor.eval()
     problems = differences(out, run_reference.out, "train output")
-    for path in names:
-        keys = _module_keys(extractor.names, path)
-        expected = hooked.get(path, [])
-        if len(keys) != len(expected):
-            problems.append(f"train module {path}: {len(keys)} captured calls, hooks saw {len(expected)}")
-            continue
-        for key, value in zip(keys, expected):
-            problems += differences(feats[key], value, f"train module {key}")
+    problems += module_differences(feats, extractor.names, names, hooked, "train module")
     buffers = dict(reference.named_buffers())
     for name, buf in model.named_buffers():
         if name in buffers:
@@ -525,3 +523,11 @@ def check_model(model: nn.Module, x: torch.Tensor, name: str = "", **capture_kwa
         model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def assert_conforms(model, x, name: str) -> None:
+    """``check_model`` passes, with module captures and no run-time fallback."""
+    result = check_model(model, x, name=name)
+    assert result.status != "failed", "\n".join([result.reason] + result.problems[:10])
+    assert result.n_modules > 0
+    assert result.fallback == {}, f"fell back for {result.fallback}"
