@@ -40,6 +40,7 @@ import torch
 from .._util.tree import all_leaves, first_leaf, leaves, tree_map
 from ..core.api import capture
 from ..core.select import Names
+from ..core.spec import as_call
 
 Combine = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 ALL = "all"  # the key of the single output when one_at_a_time=False
@@ -91,15 +92,6 @@ class PatchingResult:
 
 
 # -- inputs and outputs ----------------------------------------------------------------
-def _call_args(inputs: Any) -> tuple[tuple, dict]:
-    """A tensor is one positional argument, a tuple the positional ones, a dict keywords."""
-    if isinstance(inputs, tuple):
-        return inputs, {}
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    return (inputs,), {}
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
     first = first_leaf((args, kwargs))
     return first.shape[0] if first is not None and first.dim() else None
@@ -286,8 +278,8 @@ def patch(
         )
     if batched not in (True, False, "auto"):
         raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
-    clean_args, clean_kwargs = _call_args(clean)
-    args, kwargs = _call_args(corrupted)
+    clean_args, clean_kwargs = as_call(clean)
+    args, kwargs = as_call(corrupted)
     with torch.no_grad():
         recorder = capture(model, names, **capture_kwargs)
         clean_out, clean_values = recorder(*clean_args, **clean_kwargs)
