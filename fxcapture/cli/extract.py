@@ -1,4 +1,16 @@
-"""``fxcapture extract``: run a dataset through a model spec and store intermediates."""
+"""``fxcapture extract``: run a dataset through a model spec and store intermediates.
+
+Images (a folder, ``synthetic:N``) or text (``.txt`` a document per line, ``.jsonl`` /
+``.parquet`` with ``--text-field``, ``synthetic-text:N``) through a model spec
+(see :mod:`.models`). Text is tokenized with the model's tokenizer and batched as
+``input_ids`` + ``attention_mask``, so the reducers skip padding; a text output also
+gets ``text_samples.npy``: for every row its document, first token and length.
+
+Example::
+
+    $ fxcapture extract --model hf-config:gpt2 --config-overrides n_layer=4 --names 'h.*' \
+        --reduce tokens --data corpus.txt --max-length 256 --stride 256 --dtype bfloat16 --out acts/
+"""
 
 from __future__ import annotations
 
@@ -11,14 +23,36 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from ..dataset.reduce import check_reducer
+from .._util.atomic import atomic_file
+from ..dataset.reduce import REDUCERS, check_reducer
 from ..dataset.run import extract
 from ..dataset.sources import SyntheticImages
-from .models import build_model, input_size
+from ..dataset.text import TextDataset, is_text_spec, read_texts
+from .models import build_model, build_tokenizer, input_size, max_positions, parse_overrides
+
+
+class UnreadableImage(ValueError):
+    """An image file PIL cannot read. Built again from the traceback text when it comes
+    out of a DataLoader worker: the message stays the one line that names the file."""
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:  # re-raised by torch's ExceptionWrapper
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB PIL image; a corrupt or non-image file raises :class:`UnreadableImage`."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UnreadableImage(f"cannot read image {path} ({err}): remove or replace the file") from err
 
 
 def image_transform(model: torch.nn.Module, size: int | None = None) -> Callable:
@@ -48,13 +82,41 @@ def cli_dataset(spec: str, model: torch.nn.Module, image_size: int | None = None
         return SyntheticImages(int(count), size, seed)
     root = Path(spec)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {spec!r}: no such folder (give an image folder or synthetic:N)")
+        raise FileNotFoundError(
+            f"--data {spec!r}: no such folder (give an image folder, synthetic:N, a .txt/.jsonl/.parquet "
+            "file or synthetic-text:N)"
+        )
     try:
-        return ImageFolder(str(root), transform=image_transform(model, image_size))
+        return ImageFolder(str(root), transform=image_transform(model, image_size), loader=read_image)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"--data {spec!r}: {err} (an image folder holds one subfolder of images per class)"
         ) from err
+
+
+def text_dataset(args: argparse.Namespace, model: torch.nn.Module) -> TextDataset:
+    """``--data`` text through the model's tokenizer: windows of ``--max-length`` tokens
+    (default: the model's position limit), sorted by length within ``--sort-batches``."""
+    tokenizer = build_tokenizer(args.model, model)
+    max_length = args.max_length or max_positions(model)
+    window = args.sort_batches * args.batch_size if args.sort_batches else None
+    texts = read_texts(args.data, args.text_field, args.seed)
+    return TextDataset(texts, tokenizer, max_length=max_length, stride=args.stride, sort_window=window,
+                       padding_side=args.padding_side)  # fmt: skip
+
+
+def cli_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu; anything else must be a device torch has here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps or auto") from err
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"--device {name}: no {kind} device is available here (use --device cpu)")
+    return name
 
 
 def parse_reduce(values: list[str] | None) -> Any:
@@ -80,22 +142,40 @@ def parse_reduce(values: list[str] | None) -> Any:
 # -- `fxcapture extract` ----------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--model", required=True,
-                        help="SOURCE:NAME, e.g. torchvision:resnet50, timm:vit_small_patch16_224, demo:vit")
+                        help="SOURCE:NAME, e.g. torchvision:resnet50, timm:vit_small_patch16_224, demo:vit, "
+                             "hf:PATH (a local transformers folder), hf-config:gpt2 (random weights)")
+    parser.add_argument("--config-overrides", default=None, metavar="K=V,...",
+                        help="change an hf-config: model's config, e.g. n_layer=2,n_embd=64")
     parser.add_argument("--names", required=True, nargs="+", action="extend",
                         help="what to store: module paths, locals, globs (see `fxcapture names MODEL`)")
     parser.add_argument("--reduce", action="append", metavar="[NAME=]HOW",
-                        help="mean, max, cls, flatten or none, for all names or NAME=HOW for one (repeatable)")
-    parser.add_argument("--data", required=True, help="an image folder (one subfolder per class) or synthetic:N")
+                        help=f"{', '.join(REDUCERS)}: for all names, or NAME=HOW for one (repeatable); "
+                             "text batches are reduced over real tokens only, tokens stores one row per token")
+    parser.add_argument("--data", required=True,
+                        help="an image folder (one subfolder per class), synthetic:N, or text: a .txt file "
+                             "(a document per line), .jsonl/.parquet (--text-field), synthetic-text:N")
+    parser.add_argument("--text-field", default="text", help="the text of a .jsonl/.parquet row (default: text)")
+    parser.add_argument("--max-length", type=positive, default=None,
+                        help="tokens per sample (default: the model's position limit); longer documents "
+                             "are truncated, or cut into windows with --stride")
+    parser.add_argument("--stride", type=positive, default=None,
+                        help="a new window of --max-length tokens every STRIDE tokens (each window a sample)")
+    parser.add_argument("--sort-batches", type=int, default=0, metavar="K",
+                        help="sort text samples by length within windows of K batches to cut padding "
+                             "(rows keep that order: see text_samples.npy)")
+    parser.add_argument("--padding-side", choices=["left", "right"], default=None,
+                        help="pad text batches on this side (default: the tokenizer's)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--weights", default=None, help="a state_dict file to load (default: random weights)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random weights (the same in every process and on resume)")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--image-size", type=positive, default=None, help="input size (default: the model's)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="DataLoader workers (default: 0 for synthetic data, else min(8, CPUs))")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16"], help="store values as this dtype")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="store values as this dtype")
     parser.add_argument("--autocast", action="store_true", help="run under torch.autocast")
     parser.add_argument("--output", action="store_true", help="store the model output too (key 'output')")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk file (default: ~16 MiB)")
@@ -104,19 +184,26 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished output")  # fmt: skip
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 def run_cli(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.weights)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
-    dataset = cli_dataset(args.data, model, args.image_size, args.seed)
+    device = cli_device(args.device)
+    model = build_model(args.model, args.weights, parse_overrides(args.config_overrides))
+    text = is_text_spec(args.data)
+    dataset = text_dataset(args, model) if text else cli_dataset(args.data, model, args.image_size, args.seed)
     workers = args.num_workers
     if workers is None:
-        workers = 0 if isinstance(dataset, SyntheticImages) else min(8, os.cpu_count() or 1)
-    data_name = args.data if isinstance(dataset, SyntheticImages) else str(Path(args.data).resolve())
+        workers = 0 if isinstance(dataset, (SyntheticImages, TextDataset)) else min(8, os.cpu_count() or 1)
+    synthetic = args.data.startswith("synthetic")
+    data_name = args.data if synthetic else str(Path(args.data).resolve())
+    if text:
+        data_name = f"{data_name}: {dataset.data_name()}"
     started = time.perf_counter()
     try:
         feats = _cli_extract(args, model, dataset, device, workers, data_name)
@@ -125,12 +212,22 @@ def run_cli(args: argparse.Namespace) -> int:
               "command again to resume", file=sys.stderr)  # fmt: skip
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
+        if text:
+            _write_text_samples(Path(args.out), dataset)
         seconds = time.perf_counter() - started
-        rows = len(next(iter(feats.values())))
+        rows = len(dataset)
         print(f"wrote {rows} rows to {args.out} in {seconds:.1f} s ({rows / seconds:.1f} samples/s)")
         for key, array in feats.items():
-            print(f"  {key}: {array.shape} {array.dtype}")
+            print(f"  {key}: {getattr(array, 'shape', '?')} {getattr(array, 'dtype', '')}")
     return 0
+
+
+def _write_text_samples(out: Path, dataset: TextDataset) -> None:
+    """``text_samples.npy``: per row (in stored order) its document index, first token, tokens."""
+    table = np.stack([dataset.documents, dataset.starts, dataset.lengths], axis=1)
+    with atomic_file(out / "text_samples.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, table)
 
 
 def _cli_extract(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, device: str,

@@ -1,24 +1,32 @@
 """Model specs for the command line: ``torchvision:resnet50``, ``timm:vit_small_patch16_224``,
-``demo:vit``. Models are always built with random weights (no download); a
-``state_dict`` file can be loaded on top.
+``demo:vit``, ``hf:PATH`` (a transformers model saved in a local folder) and
+``hf-config:TYPE`` (transformers' default config for a model type, e.g. ``gpt2``,
+``bert``, ``llama``; shrink it with ``config_overrides``). Nothing is downloaded:
+models are built with random weights (a ``state_dict`` file can be loaded on top),
+except ``hf:PATH``, whose weights are in the folder.
 
 Example::
 
     >>> model = build_model("torchvision:resnet18")
     >>> example_input(model).shape
     torch.Size([1, 3, 224, 224])
+    >>> gpt = build_model("hf-config:gpt2", config_overrides=parse_overrides("n_layer=2,n_embd=64"))
+    >>> build_tokenizer("hf-config:gpt2", gpt)
+    ByteTokenizer(vocab_size=50257, pad_token_id=0)
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import pickle
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..dataset.text import ByteTokenizer
 
 
 class Attention(nn.Module):
@@ -76,7 +84,7 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(name: str, overrides: Mapping[str, Any]) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models()
@@ -88,7 +96,7 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, **kwargs)
 
 
-def _timm(name: str) -> nn.Module:
+def _timm(name: str, overrides: Mapping[str, Any]) -> nn.Module:
     try:
         import timm
     except ImportError as err:
@@ -99,13 +107,50 @@ def _timm(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
-def _demo(name: str) -> nn.Module:
+def _demo(name: str, overrides: Mapping[str, Any]) -> nn.Module:
     if name != "vit":
         raise ValueError(_unknown("demo", name, ["vit"]))
     return TinyViT()
 
 
-_SOURCES = {"torchvision": _torchvision, "timm": _timm, "demo": _demo}
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("hf: and hf-config: models need `pip install transformers`") from err
+    return transformers
+
+
+def _hf(path: str, overrides: Mapping[str, Any]) -> nn.Module:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"hf:{path}: no config.json in {folder}: give a folder written by model.save_pretrained() "
+            "(nothing is downloaded)"
+        )
+    return _transformers().AutoModel.from_pretrained(str(folder), local_files_only=True)
+
+
+def _hf_config(model_type: str, overrides: Mapping[str, Any]) -> nn.Module:
+    """A random-weight ``AutoModel`` (no task head: hidden states are its outputs)."""
+    transformers = _transformers()
+    known = list(transformers.CONFIG_MAPPING.keys())
+    if model_type not in known:
+        raise ValueError(_unknown("hf-config", model_type, known))
+    default = transformers.AutoConfig.for_model(model_type)
+    unknown = [k for k in overrides if not hasattr(default, k)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(default.to_dict()), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"--config-overrides: {model_type} configs have no {unknown[0]!r}{hint}")
+    config = transformers.AutoConfig.for_model(model_type, **overrides)
+    try:
+        return transformers.AutoModel.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"hf-config:{model_type} has no base model class ({err})") from err
+
+
+_SOURCES = {"torchvision": _torchvision, "timm": _timm, "demo": _demo, "hf": _hf, "hf-config": _hf_config}
 
 
 def _unknown(source: str, name: str, known: list[str]) -> str:
@@ -114,19 +159,118 @@ def _unknown(source: str, name: str, known: list[str]) -> str:
     return f"unknown {source} model {name!r}.{hint}"
 
 
-def build_model(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """Build ``"source:name"`` with random weights, then load ``weights`` if given."""
+def build_model(spec: str, weights: str | Path | None = None,
+                config_overrides: Mapping[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    """Build ``"source:name"`` (random weights but for ``hf:PATH``), then load ``weights`` if
+    given; ``config_overrides`` change an ``hf-config:`` model's config (``{"n_layer": 2}``)."""
     source, sep, name = spec.partition(":")
-    if not sep or source not in _SOURCES:
+    if not sep or source not in _SOURCES or not name:
         raise ValueError(
             f"bad model spec {spec!r}: use SOURCE:NAME with SOURCE one of "
-            f"{', '.join(_SOURCES)}, e.g. torchvision:resnet50 or demo:vit"
+            f"{', '.join(_SOURCES)}, e.g. torchvision:resnet50, demo:vit, hf:./my-model or hf-config:gpt2"
         )
-    model = _SOURCES[source](name)
+    if config_overrides and source != "hf-config":
+        raise ValueError(f"--config-overrides applies to hf-config: models, not {spec!r}")
+    model = _SOURCES[source](name, dict(config_overrides or {}))
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        load_weights(model, weights)
     return model.eval()
+
+
+def load_weights(model: nn.Module, weights: str | Path) -> None:
+    """Load a ``state_dict`` file (or ``{"state_dict": ...}``) into ``model``; a file of
+    another model fails with one line naming the missing and unexpected keys."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"--weights {weights}: not a torch state_dict file ({str(err).splitlines()[0]})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {weights}: holds a {type(state).__name__}, not a state_dict")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ValueError(f"--weights {weights} does not fit this model: {'; '.join(lines[:3]) or err}") from err
+    problems = [f"{len(keys)} {what} keys ({_some(keys)})"
+                for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]  # fmt: skip
+    if problems:
+        raise ValueError(f"--weights {weights} does not fit this model: {', '.join(problems)}")
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"n_layer=2,n_embd=64,tie=false"`` -> ``{"n_layer": 2, "n_embd": 64, "tie": False}``."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config-overrides: {item!r} is not KEY=VALUE (e.g. n_layer=2,n_embd=64)")
+        overrides[key.strip()] = _literal(value.strip())
+    return overrides
+
+
+def _literal(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(
+            f"{type(model).__name__} is not a transformers language model: text --data needs "
+            "--model hf:PATH or hf-config:TYPE"
+        )
+    return config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")  # fmt: skip
+
+
+def build_tokenizer(spec: str, model: nn.Module) -> Any:
+    """The tokenizer of ``hf:PATH`` (from the folder), or a :class:`ByteTokenizer` sized to an
+    ``hf-config:`` model's vocabulary."""
+    source, _, name = spec.partition(":")
+    config = _config(model)
+    if source == "hf":
+        hint = "save one there with tokenizer.save_pretrained(PATH)"
+        if not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):  # transformers would make an empty one
+            raise ValueError(f"hf:{name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {hint}")
+        try:
+            return _transformers().AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"hf:{name}: its tokenizer does not load ({str(err).splitlines()[0]}): {hint}") from err
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ValueError(f"{spec}: the config has no vocab_size, so no byte tokenizer can be made for it")
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
+    return ByteTokenizer(vocab, pad_token_id=pad, model_max_length=max_positions(model))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a transformers model takes (its position embeddings), if known."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
