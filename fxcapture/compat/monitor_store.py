@@ -163,7 +163,8 @@ def load(output_dir: str | Path, record_type: str = "single") -> dict[str, dict]
                                 "monitor saved into")  # fmt: skip
     files = sorted(root.glob(f"*/{_PATTERNS[record_type]}"), key=_file_order)
     if not files:
-        other = [t for t in RECORD_TYPES if t != record_type and any(root.glob(f"*/{_PATTERNS[t]}"))]
+        other = [t for t in RECORD_TYPES
+                 if t != record_type and any(root.glob(f"*/{_PATTERNS[t]}"))]  # fmt: skip
         hint = f"; it has {other[0]!r} files: Monitor.load(..., {other[0]!r})" if other else ""
         raise FileNotFoundError(f"Monitor.load: no {record_type!r} outputs in {root}{hint}")
     result: dict[str, dict] = {}
