@@ -1,43 +1,44 @@
-"""Attention probabilities out of fused kernels: ``capture(..., attention="weights")``.
+"""Attention probabilities of every attention layer: the local ``attn_probs``.
 
 Most models compute attention with ``F.scaled_dot_product_attention`` (timm's
 default ``fused_attn``, transformers' ``sdpa``) or ``nn.MultiheadAttention`` called
 with ``need_weights=False`` (torchvision ``vit_b_16``): the attention matrix never
-exists as a tensor. With ``attention="weights"`` the traced graph is rewritten
-before names are resolved:
+exists as a tensor. A selector naming ``attn_probs`` (or ``attention="weights"``)
+rewrites the traced graph before names are resolved:
 
 * every ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal,
-  scale, enable_gqa)`` call becomes its explicit form (scores, mask, softmax,
-  dropout, weighted sum of ``v``), and the softmax output is a new local named
-  **``attn_probs``** of the module that made the call, shape ``(B, heads, L, S)``;
+  scale, enable_gqa)`` call becomes its explicit form (:mod:`.sdpa`), and the softmax
+  output is a new local **``attn_probs``** of the calling module, ``(B, heads, L, S)``;
 * every ``nn.MultiheadAttention`` call is run with ``need_weights=True,
-  average_attn_weights=False``; its per-head weights are the local **``attn_probs``**
-  ``(B, heads, L, S)`` and their mean over heads **``attn_probs_mean``** ``(B, L, S)``,
-  both owned by the MultiheadAttention module itself. Downstream code, and the
-  module's own capture key, still get exactly what the original call returned.
+  average_attn_weights=False``: per-head **``attn_probs``** and their mean over heads
+  **``attn_probs_mean``**, owned by the MultiheadAttention module; a torch.nn module
+  holding some (``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``: fx leaves) is
+  run by :func:`run_exposing_probs`, keys ``encoder.layers.0.self_attn:attn_probs``;
+* unfused attention (``softmax(scores)``, through dropout or a cast, into a matmul)
+  names its softmax output ``attn_probs`` too.
 
-Keys follow the usual scheme: ``"attn_probs"`` selects every call site,
-``"blocks.3.attn:attn_probs"`` one of them, ``"encoder.layers.encoder_layer_0.self_attention:attn_probs_mean"``
-the head-averaged map of one MultiheadAttention.
+Downstream code, and each module's own capture key, get exactly what the original
+call returned. Code fx cannot trace gets the same at run time from
+:class:`ExplicitAttentionMode`.
 
 Example::
 
     >>> model = timm.create_model("vit_small_patch16_224")  # fused attention
-    >>> ex = capture(model, ["attn_probs"], attention="weights")
-    >>> out, feats = ex(images)
+    >>> out, feats = capture(model, "attn_probs")(images)
     >>> feats["blocks.0.attn:attn_probs"].shape
     torch.Size([2, 6, 197, 197])
 
-The probabilities are taken after the softmax and before attention dropout. In
+The probabilities are taken after the softmax and before attention dropout
+(``nn.MultiheadAttention`` reports them after its dropout, as it does itself). In
 training mode with ``dropout_p > 0`` the explicit form draws its dropout mask with
-``F.dropout``, so the output is not bit-identical to the fused kernel's (whose RNG
-use differs); in eval mode it is ``allclose`` to the fused path.
+``F.dropout``, so the output is not bit-identical to the fused kernel's; in eval mode
+it is ``allclose`` to the fused path.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
 import operator
 import sys
 from typing import Any, Callable
@@ -47,6 +48,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .._util.tree import map_nodes
+from .sdpa import attention_output, attention_probs, attention_scores, explicit_sdpa
 from .trace import LocalRecord, TraceResult
 
 MODES = ("weights",)
@@ -54,92 +56,6 @@ PROBS = "attn_probs"
 PROBS_MEAN = "attn_probs_mean"
 SDPA_FUNCTION = "scaled_dot_product_attention"
 MHA_FUNCTION = "MultiheadAttention.forward"
-
-
-# -- the explicit form of scaled_dot_product_attention (called from the graph) ----------
-def attention_scores(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """Pre-softmax scores of ``F.scaled_dot_product_attention``, mask and causal flag applied.
-
-    Example::
-
-        >>> probs = attention_scores(q, k, is_causal=True).softmax(-1)
-    """
-    if attn_mask is not None and is_causal:
-        raise ValueError(
-            "scaled_dot_product_attention: pass either attn_mask or is_causal=True, not both"
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    if enable_gqa:
-        key = _repeat_kv(key, query.size(-3))
-    scores = (query @ key.transpose(-2, -1)) * scale
-    L, S = query.size(-2), key.size(-2)
-    if is_causal:
-        attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return scores
-
-
-def attention_probs(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim; fully masked rows give zeros (as the math SDPA kernel)."""
-    safe_softmax = getattr(torch, "_safe_softmax", None)
-    if safe_softmax is not None:
-        return safe_softmax(scores, -1)
-    return scores.softmax(-1)
-
-
-def attention_output(
-    probs: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0, enable_gqa: bool = False
-) -> torch.Tensor:
-    """``dropout(probs) @ value`` (dropout applied whenever ``dropout_p > 0``, as SDPA does)."""
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    if enable_gqa:
-        value = _repeat_kv(value, probs.size(-3))
-    return probs @ value
-
-
-def explicit_sdpa(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.scaled_dot_product_attention`` computed explicitly: returns ``(output, probs)``.
-
-    Example::
-
-        >>> out, probs = explicit_sdpa(q, k, v, is_causal=True)
-        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
-        True
-    """
-    probs = attention_probs(attention_scores(query, key, attn_mask, is_causal, scale, enable_gqa))
-    return attention_output(probs, value, dropout_p, enable_gqa), probs
-
-
-def _repeat_kv(x: torch.Tensor, query_heads: int) -> torch.Tensor:
-    heads = x.size(-3)
-    if query_heads % heads:
-        raise ValueError(
-            f"enable_gqa: {query_heads} query heads are not a multiple of {heads} key/value heads"
-        )
-    return x.repeat_interleave(query_heads // heads, dim=-3)
-
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}  # fmt: skip
@@ -243,6 +159,51 @@ def _expose_mha(result: TraceResult, node: fx.Node) -> None:
     result.locals.append(LocalRecord(module, MHA_FUNCTION, PROBS_MEAN, mean))
 
 
+# -- unfused attention: softmax(scores) (-> dropout / dtype cast) -> matmul with values ---
+SOFTMAX_FUNCTION = "softmax"
+_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_PASS_FUNCTIONS = (F.dropout, torch.dropout)  # a probability tensor stays one through these
+_PASS_METHODS = ("to", "type_as", "float", "half", "bfloat16", "contiguous")
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.Tensor.matmul)
+_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
+
+
+def _is_softmax(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    return (
+        (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)
+        or (node.op == "call_method" and node.target == "softmax")
+        or (node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Softmax))
+    )
+
+
+def _passes_through(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    return (
+        (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _PASS_METHODS)
+        or (node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Dropout))
+    )
+
+
+def _feeds_matmul(node: fx.Node, modules: dict[str, torch.nn.Module], depth: int = 4) -> bool:
+    """Is ``node`` (through dropout / casts) the left operand of a matmul?"""
+    for user in node.users:
+        if user.op == "call_function" and user.target in _MATMUL_FUNCTIONS and node in user.args:
+            return True
+        if user.op == "call_method" and user.target in _MATMUL_METHODS and user.args[0] is node:
+            return True
+        if depth and _passes_through(user, modules) and _feeds_matmul(user, modules, depth - 1):
+            return True
+    return False
+
+
+def _name_unfused(result: TraceResult, modules: dict[str, torch.nn.Module]) -> None:
+    """Unfused attention (``softmax(q @ k^T) @ v``): its softmax output is ``attn_probs`` too."""
+    for node in result.graph.nodes:
+        if _is_softmax(node, modules) and _feeds_matmul(node, modules):
+            module = node.meta.get("fxcapture_module", "")
+            result.locals.append(LocalRecord(module, SOFTMAX_FUNCTION, PROBS, node))
+
+
 def _holds_mha(module: torch.nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
 
@@ -290,6 +251,8 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
     def __init__(self, on_probs: Callable[[torch.Tensor], None]) -> None:
         super().__init__()
         self.on_probs = on_probs
+        # unfused attention: id(softmax output, or a dropout/cast of it) -> (it, softmax output)
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -301,7 +264,30 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
             result, probs = _mha_call_with_weights(func, args, kwargs)
             self.on_probs(probs)
             return result
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self._follow_unfused(func, args, out)
+        return out
+
+    def _follow_unfused(self, func: Any, args: tuple, out: Any) -> None:
+        """softmax -> (dropout, casts) -> matmul: report the softmax output at the matmul."""
+        if func in _SOFTMAX_FUNCTIONS:
+            if isinstance(out, torch.Tensor):
+                self._pending[id(out)] = (out, out)
+            return
+        first = args[0] if args else None
+        held = self._pending.get(id(first)) if isinstance(first, torch.Tensor) else None
+        if held is None or held[0] is not first:
+            return
+        if func in _PASS_FUNCTIONS or getattr(func, "__name__", "") in _PASS_METHODS:
+            if isinstance(out, torch.Tensor):
+                self._pending[id(out)] = (out, held[1])
+        elif func in _MATMUL_FUNCTIONS or getattr(func, "__name__", "") in _MATMUL_METHODS:
+            self._pending = {k: v for k, v in self._pending.items() if v[1] is not held[1]}
+            self.on_probs(held[1])
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._pending.clear()
+        return super().__exit__(*exc)
 
 
 # -- torch.nn leaf modules holding MultiheadAttention (nn.TransformerEncoderLayer ...) --
@@ -343,6 +329,51 @@ def run_exposing_probs(module: torch.nn.Module, paths: tuple[str, ...], *args: A
                 "(fallback='always')"
             )
     return output, tuple(found[p][0] for p in paths)
+
+
+# functions that torch.fx records as one node (``torch.fx.wrap``) and that compute one
+# attention inside: they are run under ExplicitAttentionMode to expose it
+WRAPPED_ATTENTION_FUNCTIONS = ("shifted_window_attention",)  # torchvision Swin
+
+
+def run_function_exposing_probs(fn: Callable, *args: Any, **kwargs: Any):
+    """``(fn(*args, **kwargs), probs)`` for a function computing one attention.
+
+    Example::
+
+        >>> out, probs = run_function_exposing_probs(shifted_window_attention, x, ...)
+    """
+    found: list[torch.Tensor] = []
+    with ExplicitAttentionMode(found.append):
+        output = fn(*args, **kwargs)
+    if len(found) != 1:
+        raise RuntimeError(f"fxcapture: {fn.__name__} computed {len(found)} attention maps, expected 1")
+    return output, found[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _exposing(fn: Callable) -> Callable:
+    """``fn`` returning ``(output, probs)``: a graph target (fx cannot pass a function as
+    an argument in generated code)."""
+
+    def run(*args: Any, **kwargs: Any):
+        return run_function_exposing_probs(fn, *args, **kwargs)
+
+    run.__name__ = run.__qualname__ = f"{fn.__name__}_exposing_probs"
+    return run
+
+
+def _expose_function(result: TraceResult, node: fx.Node) -> None:
+    graph = result.graph
+    module = node.meta.get("fxcapture_module", "")
+    with graph.inserting_before(node):
+        call = _new_node(graph, module, "call_function", _exposing(node.target), node.args, dict(node.kwargs))
+        output = _new_node(graph, module, "call_function", operator.getitem, (call, 0))
+        probs = _new_node(graph, module, "call_function", operator.getitem, (call, 1))
+    node.replace_all_uses_with(output)
+    _substitute_records(result, node, output)
+    graph.erase_node(node)
+    result.locals.append(LocalRecord(module, node.target.__name__, PROBS, probs))
 
 
 def _expose_leaf(result: TraceResult, node: fx.Node, module: torch.nn.Module) -> None:
@@ -387,8 +418,11 @@ def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: s
             _decompose_sdpa(result, node)
         elif node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.MultiheadAttention):
             _expose_mha(result, node)
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in WRAPPED_ATTENTION_FUNCTIONS:
+            _expose_function(result, node)
         elif node.op == "call_module" and _holds_mha(modules.get(node.target)):
             _expose_leaf(result, node, modules[node.target])
+    _name_unfused(result, modules)
     result.graph.lint()
 
 
@@ -403,4 +437,5 @@ __all__ = [
     "expose_attention_weights",
     "explicit_sdpa",
     "run_exposing_probs",
+    "run_function_exposing_probs",
 ]
