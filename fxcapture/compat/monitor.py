@@ -36,8 +36,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn as nn
 
+from .._util.tree import tree_map
 from ..core.api import capture
 from ..core.select import match
 from . import monitor_store as store
@@ -274,7 +276,8 @@ class Monitor:
         entry["output_shape"] = output_shape(value)
 
     # -- access ------------------------------------------------------------------------
-    def _select(self, data: dict[str, dict], layers: Iterable[str] | None) -> dict[str, dict]:
+    def _select(self, data: dict[str, dict], layers: Iterable[str] | None,
+                copy: bool = True) -> dict[str, dict]:  # fmt: skip
         self._flush()
         if layers is None:
             chosen = list(data)
@@ -291,12 +294,14 @@ class Monitor:
                     )
                 if alias in data:
                     chosen.append(alias)
-        return {a: {**data[a], "data": dict(data[a]["data"])} for a in chosen}
+        held = {a: {**data[a], "data": dict(data[a]["data"])} for a in chosen}
+        return tree_map(torch.Tensor.clone, held) if copy else held
 
     def get_single_data(self, layers: Iterable[str] | None = None) -> dict[str, dict]:
         """``{alias: {"layer", "alias", "output_shape", "data": {(epoch, batch): value}}}``.
 
-        A copy of the structure (the tensors, detached CPU copies, are shared).
+        A deep copy, as the seed doc promises (tensors cloned): changing it in place
+        changes nothing the monitor holds or saves.
         """
         return self._select(self.single_data, layers)
 
@@ -306,11 +311,11 @@ class Monitor:
         return self._select(self.epoch_data, layers)
 
     def get_single_outputs(self) -> dict[str, list]:
-        """``{alias: [values in (epoch, batch) order]}`` of the single layers."""
+        """``{alias: [values in (epoch, batch) order]}`` of the single layers (a copy)."""
         return {a: list(e["data"].values()) for a, e in self.get_single_data().items()}
 
     def get_epoch_buffers(self) -> dict[str, list]:
-        """``{alias: [values in batch order]}`` of the epoch_full layers."""
+        """``{alias: [values in batch order]}`` of the epoch_full layers (a copy)."""
         return {a: list(e["data"].values()) for a, e in self.get_epoch_data().items()}
 
     # -- saving (monitor_store) ------------------------------------------------------------
@@ -322,12 +327,12 @@ class Monitor:
     def save_single_outputs(self, layers: Iterable[str] | None = None) -> list[Path]:
         """One file per alias and (epoch, batch):
         ``<output_dir>/<alias>/single_epoch{e}_batch{b}.pt``; returns the paths."""
-        return store.save_single(self._output_dir(), self.get_single_data(layers))
+        return store.save_single(self._output_dir(), self._select(self.single_data, layers, False))
 
     def save_epoch_outputs(self, layers: Iterable[str] | None = None) -> list[Path]:
         """One file per alias and epoch, a list of items in batch order:
         ``<output_dir>/<alias>/epoch_full_epoch{e}.pt``."""
-        return store.save_epoch(self._output_dir(), self.get_epoch_data(layers))
+        return store.save_epoch(self._output_dir(), self._select(self.epoch_data, layers, False))
 
     def save_custom_output(self, obj: Any, filename: str) -> Path:
         """``torch.save(obj)`` to ``<output_dir>/<filename>`` (a plain file name)."""
