@@ -139,6 +139,13 @@ def parse_reduce(values: list[str] | None) -> Any:
     return table
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 # -- `fxcapture extract` ----------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--model", required=True,
@@ -163,6 +170,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--sort-batches", type=int, default=0, metavar="K",
                         help="sort text samples by length within windows of K batches to cut padding "
                              "(rows keep that order: see text_samples.npy)")
+    parser.add_argument("--max-tokens", type=positive, default=None,
+                        help="with --reduce tokens: stop once this many tokens are stored (a rerun continues)")
     parser.add_argument("--padding-side", choices=["left", "right"], default=None,
                         help="pad text batches on this side (default: the tokenizer's)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -178,17 +187,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="store values as this dtype")
     parser.add_argument("--autocast", action="store_true", help="run under torch.autocast")
     parser.add_argument("--output", action="store_true", help="store the model output too (key 'output')")
+    parser.add_argument("--attention", choices=["weights"], default=None, help="compute fused attention explicitly so its probabilities can be stored (implied by --names attn_probs)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk file (default: ~16 MiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished output")  # fmt: skip
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -212,19 +215,25 @@ def run_cli(args: argparse.Namespace) -> int:
               "command again to resume", file=sys.stderr)  # fmt: skip
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
-        if text:
-            _write_text_samples(Path(args.out), dataset)
         seconds = time.perf_counter() - started
-        rows = len(dataset)
+        rows = stored_rows(feats)
+        if text:
+            _write_text_samples(Path(args.out), dataset, rows)
         print(f"wrote {rows} rows to {args.out} in {seconds:.1f} s ({rows / seconds:.1f} samples/s)")
         for key, array in feats.items():
             print(f"  {key}: {getattr(array, 'shape', '?')} {getattr(array, 'dtype', '')}")
     return 0
 
 
-def _write_text_samples(out: Path, dataset: TextDataset) -> None:
+def stored_rows(feats: Any) -> int:
+    """Samples in an output: a per-token key's samples, else any key's rows."""
+    column = next(iter(feats.values()))
+    return int(getattr(column, "samples", len(column)))
+
+
+def _write_text_samples(out: Path, dataset: TextDataset, rows: int) -> None:
     """``text_samples.npy``: per row (in stored order) its document index, first token, tokens."""
-    table = np.stack([dataset.documents, dataset.starts, dataset.lengths], axis=1)
+    table = np.stack([dataset.documents, dataset.starts, dataset.lengths], axis=1)[:rows]
     with atomic_file(out / "text_samples.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table)
@@ -236,6 +245,7 @@ def _cli_extract(args: argparse.Namespace, model: torch.nn.Module, dataset: Data
         model, list(args.names), dataset, out=args.out, reduce=parse_reduce(args.reduce), device=device,
         autocast=args.autocast or None, dtype=args.dtype, batch_size=args.batch_size, num_workers=workers,
         output=args.output, chunk_size=args.chunk_size, progress=False if args.no_progress else None,
-        resume=not args.no_resume, overwrite=args.overwrite,
+        resume=not args.no_resume, overwrite=args.overwrite, max_tokens=args.max_tokens,
         model_name=args.model + (f" + {args.weights}" if args.weights else ""), data_name=data_name,
+        capture_options={"attention": args.attention} if args.attention else None,
     )  # fmt: skip

@@ -84,6 +84,28 @@ def test_hf_config_text_windows_sorted_equal_the_model_on_the_same_batches(tmp_p
     np.testing.assert_allclose(feats["h.1"], torch.stack(last).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_token_store_in_bfloat16_with_a_token_budget(tmp_path, capsys):
+    docs = synthetic_texts(8, seed=5, max_words=8)
+    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
+    argv = ["--model", "hf-config:gpt2", "--config-overrides", GPT2, "--names", "h.0", "--reduce", "tokens",
+            "--dtype", "bfloat16", "--data", str(tmp_path / "c.txt"), "--batch-size", "2", "--out", str(tmp_path / "o")]
+    assert run_cli(*argv, "--max-tokens", "60") == 0, capsys.readouterr().err
+    feats = fxcapture.load(tmp_path / "o")
+    samples = np.load(tmp_path / "o" / "text_samples.npy")
+    column = feats["h.0"]
+    assert len(samples) == column.samples < len(docs) and 60 <= len(column)  # stopped after the batch reaching 60
+    assert column.lengths.tolist() == samples[:, 2].tolist() == [len(byte_ids(docs[d])) for d in samples[:, 0]]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=2, vocab_size=100,
+                                               n_positions=64, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = transformers.AutoModel.from_config(config).eval()
+    rows = [byte_ids(docs[d]) for d in samples[:, 0]]
+    expected = torch.cat([t for lo in range(0, len(rows), 2) for t in hidden(model, rows[lo : lo + 2], "right", 0)])
+    assert column.raw[:].dtype == np.uint16  # bfloat16 bits
+    np.testing.assert_array_equal(column[:], expected.bfloat16().float().numpy())
+    assert feats["input_ids"][:].tolist() == [t for r in rows for t in r]
+
+
 def save_bert_with_tokenizer(folder):
     import tokenizers
     from tokenizers.models import WordLevel

@@ -195,3 +195,32 @@ def test_extract_over_a_text_dataset_equals_each_sample_alone(tmp_path):
         np.testing.assert_allclose(feats["last"][i], hidden[-1].numpy(), rtol=1e-4, atol=1e-5)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["config"]["data"] == data.data_name()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_token_store_rows_are_the_hidden_states_at_exactly_the_real_tokens(tmp_path, side):
+    """``reduce="tokens"`` through ``extract`` and ``load``: per sample, its real tokens in
+    order; the token ids beside them. Reference: the eager model on the same padded batches."""
+    tok, texts = ByteTokenizer(100), synthetic_texts(10, seed=4, max_words=10)
+    data = TextDataset(texts, tok, max_length=30, stride=20, sort_window=6, padding_side=side)
+    model = gpt2_small()
+    feats = fxcapture.extract(model, ["h.0"], data, out=tmp_path / "o", batch_size=3, reduce="tokens", progress=False)
+    column = feats["h.0"]
+    assert column.samples == len(data) and column.shape == (int(data.lengths.sum()), 64)
+    rows = [tok.encode(texts[d])[s : s + n] for d, s, n in zip(data.documents, data.starts, data.lengths)]
+    expected = []
+    for lo in range(0, len(rows), 3):  # the batches, padded here
+        batch = rows[lo : lo + 3]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+            ids[i, cols], mask[i, cols] = torch.tensor(r), 1
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        expected += [hidden[i][mask[i].bool()] for i in range(len(batch))]
+    np.testing.assert_allclose(column[:], torch.cat(expected).numpy(), rtol=1e-4, atol=1e-5)
+    for i in (0, len(rows) // 2, len(rows) - 1):
+        np.testing.assert_allclose(column.sample(i), expected[i].numpy(), rtol=1e-4, atol=1e-5)
+    assert feats["input_ids"][:].tolist() == [t for r in rows for t in r]
