@@ -84,9 +84,27 @@ def _inplace_flag(node: fx.Node) -> bool:
     return bound.arguments.get("inplace") is True
 
 
+def _schema_alias(node: fx.Node, write: bool) -> fx.Node | None:
+    """For an ATen op (a running trace's graph): the argument its schema says it
+    writes into (``write``), or that its result is a view of."""
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is not None and info.is_write == write:
+            if not write and not any(r.alias_info is not None for r in schema.returns):
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
 def mutated_input(node: fx.Node, modules: dict[str, torch.nn.Module]) -> fx.Node | None:
     """The node whose tensor ``node`` writes into, if it is an in-place op."""
     first = node.args[0] if node.args else None
+    # torch._ops.OpOverload: the ATen ops of a running trace (public type since torch 2.0,
+    # its module private; checked on torch 2.14)
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return _schema_alias(node, write=True)
     if node.op == "call_function":
         if isinstance(node.kwargs.get("out"), fx.Node):
             return node.kwargs["out"]
@@ -129,6 +147,8 @@ def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     """May ``node``'s result share memory with its first argument?"""
     if node.op == "call_method":
         return _target_name(node) in _VIEW_NAMES
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return _schema_alias(node, write=False) is not None
     if node.op == "call_function":
         module = getattr(node.target, "__module__", None) or "torch"
         return _target_name(node) in _VIEW_NAMES or module not in _KNOWN_FUNCTION_MODULES

@@ -7,11 +7,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .build import trace_with_fallback
+from .build import choose_trace
 from .extractor import Extractor
 from .records import NameInfo
 from .select import Names, match, unknown_selector_error
-from .spec import CaptureSpec, as_module, check_concrete_args, check_leaf_paths
+from .spec import CaptureSpec, as_call, as_module, check_concrete_args, check_leaf_paths
 
 
 def capture(
@@ -25,6 +25,7 @@ def capture(
     attention: str | None = None,
     edit: dict[Any, Callable[[Any, str], Any]] | None = None,
     fallback: str = "auto",
+    example_inputs: Any = None,
 ) -> Extractor:
     """Build an extractor that returns the model output and chosen intermediates.
 
@@ -48,10 +49,16 @@ def capture(
             :mod:`fxcapture.attention`). Default: keep the fused kernels.
         edit: ``{selector: fn(value, key) -> new value}``: everything downstream of
             the selected values uses what ``fn`` returns (see :mod:`fxcapture.edit`).
-        fallback: ``"auto"``: modules fx cannot trace run eagerly and their values
+        fallback: ``"auto"``: what no tracer can follow runs eagerly and its values
             are captured at run time (hooks, a profile function; see
-            :mod:`fxcapture.fallback`); ``"never"``: raise the trace error;
+            :mod:`fxcapture.core.runtime`); ``"never"``: raise the trace error;
             ``"always"``: capture everything at run time.
+        example_inputs: inputs like the real ones (a tuple of positional arguments,
+            a dict of keyword arguments, or one tensor). Where torch.fx cannot trace
+            the model exactly (transformers models, buffer updates in Python, random
+            tensors, ``no_grad``/``autocast`` blocks, custom autograd functions), the
+            model is traced by running it (``torch.export``); without
+            ``example_inputs`` that happens on the first call.
 
     Returns:
         an :class:`Extractor` (an ``nn.Module`` sharing the model's parameters):
@@ -79,7 +86,7 @@ def capture(
     )
     check_concrete_args(model, spec)
     check_leaf_paths(model, spec)
-    return Extractor(model, spec)
+    return Extractor(model, spec, example_inputs)
 
 
 class NameTable(list):
@@ -127,6 +134,7 @@ def list_names(
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     attention: str | None = None,
+    example_inputs: Any = None,
     how_to_list: str = "fxcapture.list_names(model)",
 ) -> NameTable:
     """Every capturable name of ``model``, in execution order.
@@ -147,12 +155,20 @@ def list_names(
                        attention=attention)  # fmt: skip
     check_concrete_args(model, spec)
     check_leaf_paths(model, spec)
-    _, catalogue, untraced = trace_with_fallback(model, spec)
+    example = as_call(example_inputs) if example_inputs is not None else None
+    trace = choose_trace(model, spec.replace(names=()), example)
+    if trace is None:
+        raise ValueError(
+            "torch.fx cannot trace this model exactly, so its names come from running it: "
+            "pass example_inputs= (a tuple of arguments, a dict of keyword arguments or "
+            "one tensor), e.g. list_names(model, example_inputs={'input_ids': ids})."
+        )
+    catalogue = trace.catalogue
     if catalogue is None:
         raise ValueError(
-            "torch.fx cannot trace this model, so its names are known only at run time: "
+            "no tracer can follow this model, so its names are known only at run time: "
             "capture(model, names) and call it once; extractor.explain() then lists them "
-            f"({untraced['']})."
+            f"({trace.untraced.get('')})."
         )
     kinds = set(kinds)
     found = catalogue.records if pattern is None else match(catalogue, pattern)

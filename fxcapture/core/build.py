@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -22,8 +23,11 @@ from .._util.tree import nodes
 from .aliasing import Aliasing
 from .attention import expose_attention_weights
 from .edit import apply_edits
+from .guards import InputGuard
+from .hazards import global_hooks, has_hooks, hooked_modules
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue
+from .running import trace_by_running
 from .runtime import RuntimeCapture
 from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error
 from .spec import INPUT, CaptureSpec, FunctionModule, TraceFailure, constant_defaults
@@ -41,6 +45,11 @@ class Program:
     cloned: set[str] = field(default_factory=set)  # keys copied before an in-place op
     runtime: RuntimeCapture | None = None  # captures inside untraced regions
     untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
+    guard: InputGuard | None = None  # the inputs a running trace holds for (None: all)
+    notes: list[str] = field(default_factory=list)  # why this tracer
+
+    def accepts(self, args: tuple, kwargs: dict) -> bool:
+        return self.guard is None or self.guard.accepts(args, kwargs)
 
     @property
     def graph(self) -> fx.Graph | None:
@@ -91,16 +100,18 @@ def first_line(err: BaseException) -> str:
 
 
 def trace_with_fallback(
-    model: torch.nn.Module, spec: CaptureSpec
+    model: torch.nn.Module, spec: CaptureSpec, regions: dict[str, str] | None = None
 ) -> tuple[TraceResult | None, Catalogue | None, dict[str, str]]:
     """Trace as much as fx can; return the modules that must run eagerly, with why.
 
-    Each failure names the innermost module being traced; it becomes a leaf and the
-    trace is retried. A failure outside every submodule leaves the whole model eager.
+    ``regions`` run eagerly from the start (modules with hooks). Each failure names
+    the innermost module being traced; it becomes a leaf and the trace is retried. A
+    failure outside every submodule leaves the whole model eager. With
+    ``fallback="never"`` a failure raises :class:`TraceFailure`.
     """
     if spec.fallback == "always":
         return None, None, {"": "fallback='always'"}
-    untraced: dict[str, str] = {}
+    untraced: dict[str, str] = dict(regions or {})
     while True:
         try:
             result, catalogue = trace_symbolic(model, spec, untraced)
@@ -124,7 +135,8 @@ def _trace_failure(model: torch.nn.Module, failed: str | None, err: BaseExceptio
     return TraceFailure(
         f"torch.fx could not trace {where}: {first_line(err)}. Pass "
         f"{leaf_hint}concrete_args= to fix arguments that steer Python control "
-        "flow, or fallback='auto' to capture the untraceable part at run time."
+        "flow, example_inputs= to trace by running the model, or fallback='auto' to "
+        "capture the untraceable part at run time."
     )
 
 
@@ -173,26 +185,90 @@ def graph_module(model: torch.nn.Module, graph: fx.Graph, constants: dict[str, t
     return fx.GraphModule(root, graph, class_name="Extracted")
 
 
-def build_program(model: torch.nn.Module, spec: CaptureSpec) -> Program:
-    """Trace ``model``, resolve ``spec.names`` and rewrite the graph to return them."""
-    result, catalogue, untraced = trace_with_fallback(model, spec)
-    return program_from_trace(model, spec, result, catalogue, untraced, "symbolic")
+def build_program(
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
+) -> Program | None:
+    """Trace ``model``, resolve ``spec.names`` and rewrite the graph to return them.
+
+    The tracer: symbolic fx where it is exact; the running tracer (needs ``example``,
+    ``(args, kwargs)``; without one, returns ``None``: build again at the first call)
+    where fx fails or would change what the model does; run-time capture for what
+    neither can trace.
+    """
+    trace = choose_trace(model, spec, example)
+    if trace is None:
+        return None
+    return program_from_trace(model, spec, trace)
 
 
-def program_from_trace(
-    model: torch.nn.Module,
-    spec: CaptureSpec,
-    result: TraceResult | None,
-    catalogue: Catalogue | None,
-    untraced: dict[str, str],
-    tracer: str,
-) -> Program:
+@dataclass
+class Trace:
+    """A traced model, whichever tracer made it."""
+
+    result: TraceResult | None
+    catalogue: Catalogue | None
+    untraced: dict[str, str]  # module path -> why it runs eagerly
+    tracer: str  # "symbolic", "running" or "run time"
+    guard: InputGuard | None = None
+    notes: list[str] = field(default_factory=list)  # why the running tracer was used
+
+
+def choose_trace(
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
+) -> Trace | None:
+    """The exact trace of ``model`` (see :func:`build_program`); ``None`` when it needs
+    example inputs that are not given."""
+    if spec.fallback == "always" or global_hooks():
+        why = "fallback='always'" if spec.fallback == "always" else "global module hooks"
+        return Trace(None, None, {"": why}, "run time")
+    eager = {path: "has hooks: runs as the model runs it" for path in hooked_modules(model)}
+    while True:
+        try:
+            result, catalogue, untraced = trace_with_fallback(model, spec, eager)
+        except TraceFailure:
+            result, catalogue, untraced, failure = None, None, {}, sys.exc_info()[1]
+        else:
+            failure = None
+        calls = result.eager_modules if result is not None else {}
+        if not calls or "" in calls or set(calls) <= set(eager):
+            break
+        eager.update({p: f"calls {why}: runs eagerly" for p, why in calls.items()})
+    failed = {p: why for p, why in untraced.items() if p not in eager}
+    hazards = (result.hazards if result is not None else []) + [
+        f"the model's forward calls {why}" for p, why in calls.items() if p == ""
+    ]
+    if result is not None and not failed and not hazards:
+        return Trace(result, catalogue, untraced, "symbolic")
+    notes = hazards + [f"{p or 'the model'}: {why}" for p, why in failed.items()]
+    if eager or has_hooks(model) or calls:  # these stay exact only as eager leaves
+        if failure is not None:
+            raise failure
+        if hazards:
+            return Trace(None, None, {"": "; ".join(hazards)}, "run time", notes=notes)
+        return Trace(result, catalogue, untraced, "symbolic" if result is not None else "run time")
+    if example is None:
+        return None
+    try:
+        running, guard = trace_by_running(model, *example, attention=spec.attention)
+    except Exception as err:
+        if spec.fallback == "never":
+            raise (failure or _trace_failure(model, None, err)) from err
+        why = f"torch.export: {first_line(err)}"
+        if result is None or hazards:
+            return Trace(None, None, {"": why}, "run time", notes=notes)
+        return Trace(result, catalogue, untraced, "symbolic", notes=notes + [why])
+    return Trace(running, build_catalogue(running, model), {}, "running", guard, notes)
+
+
+def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) -> Program:
     """Select ``spec.names`` in a trace and make the program returning them."""
+    result, catalogue, untraced = trace.result, trace.catalogue, trace.untraced
     pairs = selector_pairs(spec.names)
     edits = dict(spec.edit or {})
     if result is None:  # nothing traced: everything is captured at run time
         runtime = RuntimeCapture(model, untraced, pairs, edits, attention=spec.attention)
-        return Program(EagerModel(model, spec.keep_output), {}, None, "run time", runtime=runtime, untraced=untraced)
+        return Program(EagerModel(model, spec.keep_output), {}, None, "run time", runtime=runtime,
+                       untraced=untraced, notes=trace.notes)  # fmt: skip
 
     graph_pairs, runtime_pairs = SelectorPairs(), []
     for alias, selector in pairs:
@@ -232,12 +308,15 @@ def program_from_trace(
             model, untraced, runtime_pairs, runtime_edits, set(features), optional=in_graph,
             attention=spec.attention,
         )
+    root = result.root if result.root is not None else model
     return Program(
-        module=graph_module(model, graph, result.constants),
+        module=graph_module(root, graph, result.constants),
         features=features,
         catalogue=catalogue,
-        tracer=tracer,
+        tracer=trace.tracer,
         cloned={k for k, v in values.items() if set(nodes(v)) & set(clones)},
         runtime=runtime,
         untraced=untraced,
+        guard=trace.guard,
+        notes=trace.notes,
     )

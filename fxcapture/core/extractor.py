@@ -19,7 +19,35 @@ import torch.fx as fx
 
 from .build import Program, build_program
 from .records import Catalogue
-from .spec import INPUT, CaptureSpec, constant_defaults
+from .spec import INPUT, CaptureSpec, as_call, constant_defaults
+
+MAX_TRACES = 8  # running traces kept per mode (one per set of guards)
+
+
+def run_pre_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The model's own forward pre-hooks, as ``nn.Module.__call__`` runs them."""
+    for hook_id, hook in list(model._forward_pre_hooks.items()):
+        if hook_id in model._forward_pre_hooks_with_kwargs:
+            result = hook(model, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(model, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
+
+
+def run_hooks(model: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    """The model's own forward hooks, as ``nn.Module.__call__`` runs them."""
+    for hook_id, hook in list(model._forward_hooks.items()):
+        if hook_id in model._forward_hooks_with_kwargs:
+            result = hook(model, args, kwargs, out)
+        else:
+            result = hook(model, args, out)
+        if result is not None:
+            out = result
+    return out
 
 
 def share_state(model: torch.nn.Module, into: torch.nn.Module) -> None:
@@ -43,7 +71,9 @@ class Extractor(torch.nn.Module):
     it with :func:`fxcapture.capture`.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: CaptureSpec) -> None:
+    def __init__(
+        self, model: torch.nn.Module, spec: CaptureSpec, example_inputs: Any = None
+    ) -> None:
         super().__init__()
         # The model itself is kept out of the module tree: its children are ours.
         object.__setattr__(self, "_model", model)
@@ -51,29 +81,53 @@ class Extractor(torch.nn.Module):
         share_state(model, self)
         self.training = model.training
         self._params, self._defaults = constant_defaults(model)
-        self._programs: dict[tuple[bool, tuple], Program] = {}
-        self._build_lock = threading.Lock()
+        # symbolic programs per (mode, call pattern); None: this mode traces by running
+        self._programs: dict[tuple[bool, tuple], Program | None] = {}
+        self._running: dict[bool, list[Program]] = {True: [], False: []}  # newest first
+        self._build_lock = threading.RLock()
         self._program = self._program_for(self.training, ())
+        if self._program is None and example_inputs is not None:
+            self._program = self._running_program(*as_call(example_inputs))
 
     # -- programs per mode and call pattern ---------------------------------------
-    def _program_for(self, mode: bool, specialization: tuple) -> Program:
-        program = self._programs.get((mode, specialization))
-        if program is None:
+    def _program_for(self, mode: bool, specialization: tuple) -> Program | None:
+        key = (mode, specialization)
+        if key not in self._programs:
             with self._build_lock:
-                program = self._programs.get((mode, specialization))
-                if program is None:
-                    program = self._build(mode, specialization)
-                    self._programs[(mode, specialization)] = program
+                if key not in self._programs:
+                    self._programs[key] = self._build(mode, specialization)
+        return self._programs[key]
+
+    def _running_program(self, args: tuple, kwargs: dict) -> Program:
+        """The running trace of this mode that holds for these inputs, traced now if
+        none does (at most ``MAX_TRACES`` per mode are kept)."""
+        mode = self.training
+        traces = self._running[mode]
+        for program in traces:
+            if program.accepts(args, kwargs):
+                return program
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fxcapture: this extractor traces the model by running it on the first call "
+                "with new kinds of inputs, which cannot happen inside torch.compile: call the "
+                "extractor once before compiling it, or pass capture(..., example_inputs=...)."
+            )
+        with self._build_lock:
+            program = self._build(mode, (), example=(args, kwargs))
+            self._running[mode] = [program] + traces[: MAX_TRACES - 1]
         return program
 
-    def _build(self, mode: bool, specialization: tuple = ()) -> Program:
-        model = self._model
-        previous = model.training
-        model.training = mode  # forwards that branch on self.training see this mode
+    def _build(self, mode: bool, specialization: tuple = (), example: tuple | None = None) -> Program | None:
+        """Build in ``mode``: every module of the model is in that mode while tracing."""
+        modules = list(self._model.modules())
+        previous = [m.training for m in modules]
+        for m in modules:  # forwards that branch on self.training see this mode
+            m.training = mode
         try:
-            return build_program(model, self._spec.replace(specialization=specialization))
+            return build_program(self._model, self._spec.replace(specialization=specialization), example)
         finally:
-            model.training = previous
+            for m, flag in zip(modules, previous):
+                m.training = flag
 
     def _specialization(self, args: tuple, kwargs: dict) -> tuple[tuple, list]:
         """Which optional arguments this call sets, and all arguments by position."""
@@ -104,67 +158,108 @@ class Extractor(torch.nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        model = self._model
+        if model._forward_pre_hooks:
+            args, kwargs = run_pre_hooks(model, args, kwargs)
         program = self._program
-        if self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
+        if program is None:  # traced by running, per guard set
+            program = self._running_program(args, kwargs)
+        elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
             # optional arguments given: the graph traced for this call pattern
-            specialization, args = self._specialization(args, kwargs)
+            specialization, positional = self._specialization(args, kwargs)
             program = self._program_for(self.training, specialization)
-            kwargs = {}
+            if program is None:
+                program = self._running_program(args, kwargs)
+            else:
+                args, kwargs = tuple(positional), {}
         runtime = program.runtime
         if runtime is None:
-            return program.module(*args, **kwargs)
-        with runtime.session() as session:
             out, feats = program.module(*args, **kwargs)
-        feats.update(runtime.collect(session))
+        else:
+            with runtime.session() as session:
+                out, feats = program.module(*args, **kwargs)
+            feats.update(runtime.collect(session))
+        if model._forward_hooks:
+            out = run_hooks(model, args, kwargs, out)
         return out, feats
 
     # -- introspection -------------------------------------------------------------
+    def _current(self) -> Program | None:
+        """The program of the current mode (the latest running trace), if built."""
+        if self._program is not None:
+            return self._program
+        traces = self._running[self.training]
+        return traces[0] if traces else None
+
     @property
     def names(self) -> list[str]:
         """The keys of the feature dict, in execution order (graph values first).
 
-        Values captured at run time are known after the first call.
+        A model traced by running, and values captured at run time, have their names
+        after the first call (or with ``capture(..., example_inputs=...)``).
         """
-        runtime = self._program.runtime
-        return list(self._program.features) + (list(runtime.features) if runtime else [])
+        program = self._current()
+        if program is None:
+            return []
+        runtime = program.runtime
+        return list(program.features) + (list(runtime.features) if runtime else [])
+
+    @property
+    def tracer(self) -> str | None:
+        """``"symbolic"``, ``"running"`` or ``"run time"``: how the current mode is captured."""
+        program = self._current()
+        return program.tracer if program is not None else None
 
     @property
     def graph(self) -> fx.Graph | None:
         """The rewritten fx graph of the current mode (``None`` if nothing traced)."""
-        return self._program.graph
+        program = self._current()
+        return program.graph if program is not None else None
 
     @property
     def code(self) -> str:
         """The Python source of the current mode's forward."""
-        return self._program.code
+        program = self._current()
+        return program.code if program is not None else ""
 
     @property
     def catalogue(self) -> Catalogue | None:
-        return self._program.catalogue
+        program = self._current()
+        return program.catalogue if program is not None else None
 
     @property
     def untraced(self) -> dict[str, str]:
-        """``{module path: why fx failed}`` for the modules that run eagerly."""
-        return dict(self._program.untraced)
+        """``{module path: why}`` for the modules that run eagerly."""
+        program = self._current()
+        return dict(program.untraced) if program is not None else {}
 
     def explain(self) -> str:
-        """How each key is captured (graph / leaf hook / run-time local) and what fell back.
+        """Which tracer captures each key, and why; what runs eagerly.
 
         Example::
 
             >>> print(capture(gpt2, ["attn_weights"]).explain())
-            untraced: '' (the model's own forward): ValueError: code: co_varnames is too small
-            transformer.h.0.attn:attn_weights: run-time local (profile function)
+            tracer: running (the model's own forward: TraceError: ...)
+            transformer.h.0.attn:attn_weights: local ... <- graph (running)
         """
-        lines = [
+        program = self._current()
+        if program is None:
+            return (
+                "tracer: running, on the first call (torch.fx cannot trace this model "
+                "exactly; pass example_inputs= to trace now)"
+            )
+        why = f" ({'; '.join(program.notes)})" if program.notes else ""
+        lines = [f"tracer: {program.tracer}{why}"]
+        lines += [
             f"untraced: {path!r} ({'the whole model' if not path else 'runs eagerly'}): {why}"
-            for path, why in self._program.untraced.items()
+            for path, why in program.untraced.items()
         ]
-        for key, info in self._program.features.items():
-            cloned = key in self._program.cloned
-            via = "graph, cloned before a later in-place op" if cloned else "graph"
+        for key, info in program.features.items():
+            via = f"graph ({program.tracer})"
+            if key in program.cloned:
+                via += ", cloned before a later in-place op"
             lines.append(f"{key}: {info.kind} {info.key} ({info.op}) <- {via}")
-        runtime = self._program.runtime
+        runtime = program.runtime
         if runtime is not None:
             if not runtime.discovered:
                 pending = ", ".join(repr(s) for _, s in runtime.selectors)
@@ -180,11 +275,12 @@ class Extractor(torch.nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_programs"] = {}
+        state["_running"] = {True: [], False: []}
         for key in ("_program", "_build_lock"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._build_lock = threading.Lock()
+        self._build_lock = threading.RLock()
         self._program = self._program_for(self.training, ())

@@ -84,10 +84,15 @@ class ModelSnapshot:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.modules = list(model.named_modules(remove_duplicate=False))
+        self.tensors = [(name, t, t._version) for name, t in model.state_dict(keep_vars=True).items()]
         self.state = [
             (m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict})
             for _, m in self.modules
         ]
+
+    def written(self) -> list[str]:
+        """Parameters and buffers whose values were written since the snapshot."""
+        return [name for name, t, version in self.tensors if t._version != version]
 
     def changes(self) -> list[str]:
         """``path.attribute`` of every attribute that differs from the snapshot."""
@@ -98,7 +103,10 @@ class ModelSnapshot:
                 if now.get(key, _MISSING) is not attrs.get(key, _MISSING):
                     changed.append(f"{path}.{key}".lstrip("."))
                 elif key in dicts and _dict_changed(now[key], dicts[key]):
-                    changed.append(f"{path}.{key}".lstrip("."))
+                    entries = set(now[key]) | set(dicts[key])
+                    for entry in sorted(e for e in entries if now[key].get(e, _MISSING) is not dicts[key].get(e, _MISSING)):
+                        name = entry if key in _STATE_DICTS else f"{key}[{entry!r}]"
+                        changed.append(f"{path}.{name}".lstrip("."))
         return changed
 
     def restore(self) -> list[str]:
@@ -118,6 +126,7 @@ class ModelSnapshot:
 
 
 _MISSING = object()
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 def _dict_changed(now: dict, before: dict) -> bool:

@@ -18,10 +18,12 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
 
 from .aliasing import Aliasing
 from .._util.tree import map_nodes
@@ -48,11 +50,52 @@ def protect_from_inplace(
 def add_feature_outputs(
     graph: fx.Graph, features: dict[str, Any], keep_output: bool = True
 ) -> None:
-    """Make ``graph`` return ``(original output or None, {key: value})``."""
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    original = output.args[0] if keep_output else None
-    output.args = ((original, dict(features)),)
+    """Make ``graph`` return ``(original output or None, {key: value})``.
+
+    A graph from ``torch.export`` returns flat outputs that its code generator
+    unflattens with an output spec: the features join the flat list and the spec.
+    """
+    output = graph.output_node()
     output.type = None
+    info = getattr(graph._codegen, "pytree_info", None)  # export's _PyTreeCodeGen (torch 2.14)
+    if info is None or info.out_spec is None:
+        original = output.args[0] if keep_output else None
+        with graph.inserting_before(output):
+            values = {key: _graph_value(graph, value) for key, value in features.items()}
+        output.args = ((original, values),)
+        return
+    flat = list(output.args[0]) if keep_output else []
+    out_spec = info.out_spec if keep_output else pytree.tree_structure(None)
+    feature_leaves, feature_spec = pytree.tree_flatten(
+        dict(features), is_leaf=lambda v: isinstance(v, fx.Node)
+    )
+    placeholder = pytree.tree_unflatten([0] * out_spec.num_leaves, out_spec)
+    features_like = pytree.tree_unflatten([0] * feature_spec.num_leaves, feature_spec)
+    graph._codegen.pytree_info = info._replace(
+        out_spec=pytree.tree_structure((placeholder, features_like))
+    )
+    output.args = (tuple(flat + feature_leaves),)
+
+
+def _graph_value(graph: fx.Graph, value: Any) -> Any:
+    """``value`` as fx code can return it: a namedtuple, a dataclass or a dict subclass
+    (a module's return value) is rebuilt by a node calling its type."""
+    if isinstance(value, fx.Node):
+        return value
+    if isinstance(value, tuple):
+        items = tuple(_graph_value(graph, v) for v in value)
+        if type(value) is tuple:
+            return items
+        return graph.call_function(type(value), items)  # a namedtuple
+    if isinstance(value, list):
+        return [_graph_value(graph, v) for v in value]
+    if isinstance(value, dict):
+        items = {k: _graph_value(graph, v) for k, v in value.items()}
+        return items if type(value) is dict else graph.call_function(type(value), (), items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _graph_value(graph, getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return graph.call_function(type(value), (), fields)
+    return value
 
 
 def substitute(value: Any, replacements: dict[fx.Node, fx.Node]) -> Any:

@@ -144,6 +144,16 @@ def as_module(model: Any) -> torch.nn.Module:
     raise TypeError(f"capture() needs an nn.Module or a function, got {type(model).__name__}")
 
 
+def as_call(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of example inputs: a tuple is the positional arguments, a dict
+    the keyword arguments, anything else the one positional argument."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return (example_inputs,), {}
+
+
 def forward_function(model: torch.nn.Module) -> Callable:
     """The function whose signature and code a trace follows."""
     return model.fn if isinstance(model, FunctionModule) else model.forward

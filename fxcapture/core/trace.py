@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from .._util.tree import all_leaves, tree_map
 from .frames import FrameFilter, ProfileScope
-from .hazards import HAZARD_CODES, ModelSnapshot, custom_function, global_hooks, has_hooks
+from .hazards import HAZARD_CODES, ModelSnapshot, custom_function, global_hooks
 
 # torch.fx patches torch.nn.Module.__call__ globally while it traces, and we install
 # a profile function: serialise traces so that two threads never interleave them.
@@ -58,6 +58,8 @@ class TraceResult:
     constants: dict[str, torch.Tensor]  # tensors the graph reads that the model does not own
     leaf_paths: set[str] = field(default_factory=set)
     hazards: list[str] = field(default_factory=list)  # why the graph may differ from the model
+    # modules that must run eagerly to stay exact (they call a custom autograd.Function)
+    eager_modules: dict[str, str] = field(default_factory=dict)
     root: torch.nn.Module | None = None  # what the graph's get_attr/call_module read, if not the model
 
 
@@ -200,6 +202,9 @@ class CaptureTracer(fx.Tracer):
         autowrap_functions: Iterable[Callable] = (),
     ) -> None:
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        # buffers as get_attr proxies: `self.steps += 1` and `num_batches_tracked.add_(1)`
+        # become graph ops that run on every call, not a write at trace time
+        self.proxy_buffer_attributes = True
         self._leaf_types, self._leaf_paths = _resolve_leaf_spec(leaf_modules)
         self._module_stack: list[str] = []
         self.failed_module: str | None = None  # innermost module whose trace raised
@@ -208,6 +213,7 @@ class CaptureTracer(fx.Tracer):
         self.constants: dict[str, torch.Tensor] = {}
         self.leaf_paths: set[str] = set()
         self.hazards: list[str] = []
+        self.eager_modules: dict[str, str] = {}
         self.frames = FrameFilter()
 
     # -- module structure ---------------------------------------------------
@@ -254,10 +260,15 @@ class CaptureTracer(fx.Tracer):
 
     # -- locals ----------------------------------------------------------------
     def _on_profile_event(self, frame, event: str, arg: Any) -> None:
-        if event in ("call", "c_call"):
-            hazard = HAZARD_CODES.get(frame.f_code) if event == "call" else custom_function(arg)
+        if event == "call":
+            hazard = HAZARD_CODES.get(frame.f_code)
             if hazard is not None and hazard not in self.hazards:
                 self.hazards.append(hazard)
+            return
+        if event == "c_call":
+            function = custom_function(arg)
+            if function is not None:  # its backward lives only in eager calls
+                self.eager_modules[self._module_stack[-1] if self._module_stack else ""] = function
             return
         if event != "return" or not self.frames.watches(frame.f_code):
             return
@@ -296,15 +307,15 @@ class CaptureTracer(fx.Tracer):
                     graph = self.trace(root, concrete_args)
             finally:
                 changed = snapshot.restore() if snapshot is not None else []
+                written = snapshot.written() if snapshot is not None else []
                 advanced = not torch.equal(rng, torch.random.get_rng_state())
                 torch.random.set_rng_state(rng)
         self.hazards += [f"forward assigns {name}" for name in changed]
+        self.hazards += [f"tracing wrote into {name}" for name in written]
         if advanced:
             self.hazards.append("random numbers drawn outside the graph (frozen by a symbolic trace)")
         if global_hooks():
             self.hazards.append("global module hooks")
-        if model is not None and has_hooks(model):
-            self.hazards.append("hooks on the model itself")
         return TraceResult(
             graph=graph,
             module_calls=self.module_calls,
@@ -312,4 +323,5 @@ class CaptureTracer(fx.Tracer):
             constants=self.constants,
             leaf_paths=self.leaf_paths,
             hazards=self.hazards,
+            eager_modules=self.eager_modules,
         )

@@ -1,0 +1,303 @@
+"""The running tracer: trace a model by running its real Python on fake tensors.
+
+``torch.export.export(model, args, kwargs, strict=False)`` runs ``forward`` as Python,
+so everything the model does is recorded as the model does it: buffer updates, random
+ops, ``torch.no_grad()``/``torch.autocast`` regions, custom autograd functions, any
+control flow that depends only on shapes and Python values. While it runs,
+
+* a forward hook on every module and
+* a trace (or profile) function reading the locals of the model's own frames at return
+
+pass each tensor they see through ``fxcapture::tag``, an identity op carrying a key.
+After export the tags tell which graph node holds which module output or local; they
+are then removed, so the graph computes exactly what the model does. The result is a
+:class:`~.trace.TraceResult` like the symbolic tracer's: records, selectors and passes
+are the same for both.
+
+The graph holds for inputs like the example (see :mod:`.guards`); batch and sequence
+dimensions are dynamic. It shares the model's parameters and buffers (the very
+tensors) and is specialised to the training mode the model was in.
+
+Example::
+
+    >>> result, guard = trace_by_running(gpt2, (), {"input_ids": ids, "attention_mask": mask})
+    >>> [path for path, _ in result.module_calls][:2]
+    ['transformer.wte', 'transformer.wpe']
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree  # export's own input/output structures (torch 2.14)
+
+from .aliasing import written_bases
+from .attention import ExplicitAttentionMode
+from .frames import FrameFilter, chain_profile
+from .guards import InputGuard
+from .hazards import ModelSnapshot
+from .trace import LocalRecord, TraceResult
+
+
+@torch.library.custom_op("fxcapture::tag", mutates_args=())
+def tag(x: torch.Tensor, key: str) -> torch.Tensor:
+    """Identity carrying ``key`` (a custom op may not return its input: a copy, only
+    while tracing; the node is removed afterwards)."""
+    return x.clone()
+
+
+@tag.register_fake
+def _tag_fake(x: torch.Tensor, key: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_TAG = torch.ops.fxcapture.tag.default
+# export wraps torch.no_grad()/torch.autocast regions into these higher-order ops, whose
+# subgraphs hold the tags of values made inside (checked on torch 2.14)
+_REGION_OPS = tuple(
+    op
+    for op in (
+        getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None),
+        getattr(torch.ops.higher_order, "wrap_with_autocast", None),
+    )
+    if op is not None
+)
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+class _Collector:
+    """Tags module outputs and locals while export runs; everything it installs is
+    removed in :meth:`uninstall`."""
+
+    def __init__(self, model: torch.nn.Module, attention: str | None) -> None:
+        self.model = model
+        self.frames = FrameFilter(model)
+        self.stack: list[str] = []
+        self.module_calls: list[tuple[str, Any]] = []
+        self.locals: list[LocalRecord] = []
+        self.alias: dict[str, str] = {}  # key -> key of the same tensor tagged before
+        self._seen: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
+        self._handles: list[Any] = []
+        self._previous: Any = None
+        self._use_trace = sys.gettrace() is None  # a debugger or coverage: profile instead
+        self.attention = ExplicitAttentionMode(self._on_probs) if attention else None
+
+    def _tag_tree(self, prefix: str, tree: Any) -> Any:
+        flat, spec = pytree.tree_flatten(tree)
+        if not any(isinstance(v, torch.Tensor) for v in flat):
+            return None
+        out = []
+        for i, v in enumerate(flat):
+            if isinstance(v, torch.Tensor):
+                key = f"{prefix}|{i}"
+                ident = (id(v), v._version)  # the same tensor, unchanged since: one node
+                hit = self._seen.get(ident)
+                if hit is not None and hit[0] is v:
+                    self.alias[key] = hit[1]
+                else:
+                    _TAG(v, key)
+                    self._seen[ident] = (v, key)
+                out.append(key)
+            else:
+                out.append(v if isinstance(v, _PLAIN) else None)
+        return pytree.tree_unflatten(out, spec)
+
+    def _on_probs(self, probs: torch.Tensor) -> None:
+        module = self.stack[-1] if self.stack else ""
+        value = self._tag_tree(f"l|{len(self.locals)}", probs)
+        self.locals.append(LocalRecord(module, "scaled_dot_product_attention", "attn_probs", value))
+
+    def install(self) -> None:
+        for path, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre(path)))
+            self._handles.append(module.register_forward_hook(self._post(path), always_call=True))
+        if self._use_trace:
+            self._previous = sys.gettrace()
+            sys.settrace(self._global_trace)
+        else:
+            self._previous = sys.getprofile()
+            sys.setprofile(chain_profile(self._profile, self._previous))
+        if self.attention is not None:
+            self.attention.__enter__()
+
+    def uninstall(self) -> None:
+        if self.attention is not None:
+            self.attention.__exit__(None, None, None)
+        if self._use_trace:
+            sys.settrace(self._previous)
+        else:
+            sys.setprofile(self._previous)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _pre(self, path: str):
+        def pre(module, args):
+            self.stack.append(path)
+
+        return pre
+
+    def _post(self, path: str):
+        def post(module, args, output):
+            if self.stack and self.stack[-1] == path:
+                self.stack.pop()
+            if path:  # the root's output is the model output, not a module key
+                value = self._tag_tree(f"m|{len(self.module_calls)}", output)
+                self.module_calls.append((path, value))
+
+        return post
+
+    def _global_trace(self, frame, event, arg):
+        if not self.stack or not self.frames.watches(frame.f_code):
+            return None
+        frame.f_trace_lines = False
+        return self._local_trace
+
+    def _local_trace(self, frame, event, arg):
+        if event == "return" and self.stack:
+            self._on_return(frame)
+        return self._local_trace
+
+    def _profile(self, frame, event, arg):
+        if event == "return" and self.stack and self.frames.watches(frame.f_code):
+            self._on_return(frame)
+
+    def _on_return(self, frame) -> None:
+        module = self.stack[-1]
+        code = frame.f_code
+        function = getattr(code, "co_qualname", code.co_name)
+        for name, value in list(frame.f_locals.items()):
+            if name == "self" or name.startswith((".", "__")) or isinstance(value, torch.nn.Module):
+                continue
+            try:
+                tagged = self._tag_tree(f"l|{len(self.locals)}", value)
+            except Exception:  # a value pytree cannot walk: not capturable
+                continue
+            if tagged is not None:
+                self.locals.append(LocalRecord(module, function, name, tagged))
+
+
+def _untag(owner: torch.nn.Module, graph: fx.Graph) -> dict[str, fx.Node]:
+    """Remove the tag nodes of ``graph`` and of the region subgraphs (whose tagged
+    values become extra outputs, read with ``getitem``); returns key -> node."""
+    found: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _TAG:
+            value, key = node.args
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+            found[key] = value
+        elif node.op == "call_function" and node.target in _REGION_OPS:
+            sub_node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"), None)
+            sub = owner.get_submodule(sub_node.target) if sub_node is not None else None
+            if not isinstance(sub, fx.GraphModule):
+                continue
+            inner = _untag(sub, sub.graph)
+            if inner:
+                output = sub.graph.output_node()
+                old = output.args[0]
+                old = tuple(old) if isinstance(old, (tuple, list)) else (old,)
+                output.args = (old + tuple(inner.values()),)
+                anchor = node
+                for j, key in enumerate(inner):
+                    with graph.inserting_after(anchor):
+                        anchor = graph.call_function(operator.getitem, (node, len(old) + j))
+                    found[key] = anchor
+            sub.recompile()
+    return found
+
+
+def _drop_self_copies(graph: fx.Graph) -> None:
+    """``copy_(buffer, new)`` where ``new`` already is the buffer, written in place
+    (``self.steps += 1``): export adds the copy back; it would only bump the
+    buffer's version and break autograd of ops that saved it."""
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.copy_.default and not node.users:
+            target, source = node.args[0], node.args[1]
+            if isinstance(source, fx.Node) and target in written_bases(source, {}):
+                graph.erase_node(node)
+
+
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Batch (dim 0 of every tensor input) and sequence (dim 1 of integer 2-D inputs,
+    such as ``input_ids`` and ``attention_mask``) are dynamic."""
+    auto = torch.export.Dim.AUTO
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return None
+
+    def dims(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        spec = {0: auto}
+        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+            spec[1] = auto
+        return spec
+
+    return pytree.tree_map(dims, dict(bound))
+
+
+def _substitute_keys(tree: Any, nodes: dict[str, fx.Node]) -> Any:
+    return pytree.tree_map(lambda k: nodes.get(k) if isinstance(k, str) and k[1:2] == "|" else k, tree)
+
+
+def _node_modules(graph: fx.Graph) -> None:
+    """``meta["fxcapture_module"]``: the module each op ran in, from export's stack."""
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        node.meta["fxcapture_module"] = next(reversed(stack.values()))[0] if stack else ""
+
+
+def trace_by_running(
+    model: torch.nn.Module, args: tuple, kwargs: dict, *, attention: str | None = None
+) -> tuple[TraceResult, InputGuard]:
+    """Export ``model`` on the example inputs, recording module outputs and locals.
+
+    Returns the :class:`~.trace.TraceResult` (``result.root`` is the module the graph
+    runs on) and the :class:`~.guards.InputGuard` saying which inputs it holds for.
+    Raises what ``torch.export`` raises for code it cannot trace.
+    """
+    collector = _Collector(model, attention)
+    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})  # fmt: skip
+    # tracing draws no random numbers of the caller's; hooks and trace functions go
+    snapshot = ModelSnapshot(model)
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        collector.install()
+        try:
+            with warnings.catch_warnings():  # export's advice on attributes set in forward
+                warnings.simplefilter("ignore", UserWarning)
+                exported = torch.export.export(
+                    model, tuple(args), dict(kwargs), strict=False,
+                    dynamic_shapes=dynamic_shapes(model, args, kwargs),
+                )  # fmt: skip
+        finally:
+            collector.uninstall()
+            snapshot.restore()  # caches and attributes forward set while exporting
+    unlifted = exported.module()
+    graph = unlifted.graph
+    nodes = _untag(unlifted, graph)
+    for node in list(graph.nodes):  # fxcapture checks the guards itself (core.guards)
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+    for key, first in collector.alias.items():
+        if first in nodes:
+            nodes[key] = nodes[first]
+    _drop_self_copies(graph)
+    _node_modules(graph)
+    graph.lint()
+    module_calls = [(path, _substitute_keys(v, nodes)) for path, v in collector.module_calls]
+    records = [
+        LocalRecord(r.module, r.function, r.name, _substitute_keys(r.value, nodes))
+        for r in collector.locals
+    ]
+    result = TraceResult(graph, module_calls, records, constants={}, root=unlifted)
+    return result, InputGuard.from_export(unlifted, exported, args, kwargs, model)
