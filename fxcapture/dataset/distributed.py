@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -36,8 +37,6 @@ class Group:
     @classmethod
     def from_env(cls, device: torch.device) -> "Group":
         """The current process group, initialised from torchrun's variables if needed."""
-        import torch.distributed as dist
-
         if not dist.is_available():
             return cls()
         if dist.is_initialized():
@@ -78,8 +77,6 @@ class Group:
     def barrier(self) -> None:
         if self.world_size <= 1:
             return
-        import torch.distributed as dist
-
         if self.backend == "nccl":
             dist.barrier(device_ids=[self.local_rank])
         else:
@@ -87,7 +84,5 @@ class Group:
 
     def close(self) -> None:
         if self.owns_group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
             self.owns_group = False

@@ -98,10 +98,11 @@ def tensor_checksum(t: torch.Tensor) -> str:
     if flat.numel() == 0:
         return "empty"
     raw = flat.view(torch.uint8)
-    wide = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-    x = wide.to(torch.int64)
-    weights = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64) % 65521 + 1
-    return f"{int(x.sum())}.{int((x * weights).sum())}"
+    x = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    weights = torch.arange(x.numel(), device=x.device, dtype=torch.int32) % 251 + 1
+    # integer sums (int64 accumulators; the int32 products wrap the same everywhere):
+    # exact and order-sensitive, unlike a float sum
+    return f"{int(x.sum(dtype=torch.int64))}.{int((x * weights).sum(dtype=torch.int64))}"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

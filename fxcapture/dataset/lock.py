@@ -21,7 +21,7 @@ LOCK_NAME = ".fxcapture.lock"
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(BlockingIOError):
     """Another process is writing the output folder."""
 
 

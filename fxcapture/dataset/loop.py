@@ -147,7 +147,7 @@ class Loop:
     def _writer(self, values: dict[str, Any], batch_rows: int) -> ChunkWriter:
         row_bytes = sum(_nbytes(v) for v in values.values()) / max(1, batch_rows) or 1
         if self.todo_rows and not any(isinstance(v, Ragged) for v in values.values()):
-            needed = int(self.todo_rows * row_bytes * 1.01) + (4 << 20)
+            needed = int(self.todo_rows * row_bytes * 1.01) + (64 << 10)
             check_space(self.out, needed, f"the {self.todo_rows} rows to compute ({human_bytes(row_bytes)} a row)")
         if self.chunk_size is not None:
             if self.chunk_size < 1:

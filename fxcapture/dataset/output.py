@@ -101,6 +101,9 @@ def prepare_output(out: Path, config: dict[str, Any], *, resume: bool, overwrite
                 "overwrite=True (--overwrite) to replace it, or choose another output directory."
             )
         if kind == "finished":
+            if primary:  # a kill between the manifest and the end of finalize
+                (out / RUN).unlink(missing_ok=True)
+                remove_own_temporaries(out)
             return "finished"
         if not resume:
             raise FileExistsError(
@@ -119,7 +122,7 @@ def prepare_output(out: Path, config: dict[str, Any], *, resume: bool, overwrite
         out.mkdir(parents=True, exist_ok=True)
         remove_own_temporaries(out)
         if not (out / RUN).exists():
-            check_space(out, 1 << 20, RUN)
+            check_space(out, 64 << 10, RUN)
             write_json(out / RUN, {"format": FORMAT, "version": VERSION, "config": config,
                                    "config_hash": config_hash(config)})  # fmt: skip
         if not real_dir(out / CHUNKS):

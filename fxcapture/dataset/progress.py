@@ -70,7 +70,6 @@ def progress(enabled: bool | None, total: int | None, desc: str, every: float = 
     return LogLines(total, desc, every)
 
 
-def say(enabled: bool | None, message: str) -> None:
-    """A one-line notice on stderr (unless progress is off)."""
-    if enabled is not False:
-        print(f"fxcapture: {message}", file=sys.stderr, flush=True)
+def say(message: str) -> None:
+    """A one-line notice on stderr (shown with progress off too: it is not progress)."""
+    print(f"fxcapture: {message}", file=sys.stderr, flush=True)

@@ -211,7 +211,7 @@ def extract(
             state = prepare_output(out, config, resume=resume, overwrite=overwrite, primary=False)
         if state == "finished":
             if group.primary:
-                say(progress, f"{out} is already complete ({config['rows'] or 'all'} rows); nothing to do "
+                say(f"{out} is already complete ({config['rows'] or 'all'} rows); nothing to do "
                               "(overwrite=True / --overwrite computes it again)")  # fmt: skip
             return load(out)
         run, total = _run(model, extractor, out, device, group, source, data, dict(

@@ -20,6 +20,7 @@ import io
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -119,6 +120,18 @@ def write_chunk(out: Path, start: int, columns: Mapping[str, _Column], rows: int
     needed = sum(c.nbytes for c in columns.values()) + 4096 * (2 * len(columns) + 1)
     check_space(folder, needed, f"chunk {final.name}")
     tmp = make_private_dir(folder, chunk_name(start, start + rows))
+    try:
+        _fill_chunk(tmp, start, columns, rows, files)
+        os.replace(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # what was complete stays; this chunk never was
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise write_error(final, err) from err
+        raise
+    return final
+
+
+def _fill_chunk(tmp: Path, start: int, columns: Mapping[str, _Column], rows: int, files: Mapping[str, str]) -> None:
     index: dict[str, Any] = {"rows": [start, start + rows], "arrays": {}}
     for key, col in columns.items():
         name = files[key]
@@ -132,11 +145,6 @@ def write_chunk(out: Path, start: int, columns: Mapping[str, _Column], rows: int
             entry["offsets"] = {"file": off_name, **_write_npy(tmp / off_name, [offsets], len(offsets))}
         index["arrays"][key] = entry
     write_json(tmp / INDEX, index)
-    try:
-        os.replace(tmp, final)
-    except OSError as err:
-        raise write_error(final, err) from err
-    return final
 
 
 class ChunkWriter:
