@@ -15,7 +15,7 @@ import sys
 from typing import Callable
 
 from .._version import __version__
-from . import demo, extract, graph, names
+from . import attention, demo, extract, graph, names
 
 # name -> (module, help)
 _COMMANDS = {
@@ -23,6 +23,7 @@ _COMMANDS = {
     "names": (names, "List the capturable names of a model."),
     "extract": (extract, "Run a dataset through a model and store intermediates."),
     "graph": (graph, "Draw a model's graph, highlighting captured values."),
+    "attention": (attention, "Draw a model's attention maps: grid, CLS overlay, rollout."),
 }
 
 

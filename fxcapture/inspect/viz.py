@@ -7,15 +7,15 @@ without ``pyplot`` (no global state, no GUI backend needed); pass ``save="a.png"
 
 Example::
 
-    >>> ex = capture(model, "attn")
-    >>> out, feats = ex(images)
+    >>> out, feats = capture(model, "attn_probs")(images)
     >>> attention_grid(feats, save="grid.png")            # layers x heads
-    >>> attention_overlay(feats["blocks.11.attn:attn"], images, save="cls.png")
+    >>> attention_overlay(feats, images, save="cls.png")   # the last layer, CLS row
     >>> rollout = attention_rollout(feats)                  # (B, N, N)
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
@@ -50,7 +50,60 @@ def _save(fig: "Figure", save: str | Path | None, dpi: int) -> None:
         raise ValueError(f"save={str(save)!r}: use a file name ending in {', '.join(_FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:  # a figure is whole or absent, never half-written
-        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
+        if path.suffix.lower() == ".png":
+            _save_png(fig, tmp, dpi)
+        else:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
+
+
+def _save_png(fig: "Figure", path: Path | str, dpi: int) -> None:
+    """A 256-colour PNG: figures use 256-entry colormaps, and the file is ~3x smaller."""
+    from PIL import Image  # matplotlib depends on Pillow
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, format="png", optimize=True)
+
+
+_PROBS = "attn_probs"
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+def _variable(key: str) -> str:
+    return key.rpartition(":")[2].partition("@")[0]
+
+
+def attention_maps(feats: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The attention maps among captured values, in order: the ``attn_probs`` keys if
+    any, else locals named like attention (``attn``, ``attn_weights``), else every
+    tensor of shape ``(B, heads, L, S)``/``(heads, L, S)``/``(L, S)``.
+
+    Example::
+
+        >>> out, feats = capture(vit, ["attn_probs", "head"])(images)
+        >>> list(attention_maps(feats))[:1]
+        ['blocks.0.attn:attn_probs']
+    """
+    tensors = {k: v for k, v in feats.items() if isinstance(v, torch.Tensor) and 2 <= v.dim() <= 4}
+    for wanted in (
+        lambda k: _variable(k) == _PROBS,
+        lambda k: ":" in k and any(w in _variable(k) for w in _ATTENTION_WORDS),
+        lambda k: True,
+    ):
+        found = {k: v for k, v in tensors.items() if wanted(k)}
+        if found:
+            return found
+    raise ValueError(
+        f"no attention maps among the values {list(feats)[:6]}: capture 'attn_probs' "
+        "(the probabilities of every attention layer, shape (B, heads, L, S))"
+    )
+
+
+def _label(key: str) -> str:
+    """Row label: the module path of ``blocks.3.attn:attn_probs``."""
+    return key[: -len(":" + _PROBS)] if key.endswith(":" + _PROBS) else key
 
 
 def _layers(attn: Maps) -> tuple[list[str], list[torch.Tensor]]:
@@ -58,12 +111,20 @@ def _layers(attn: Maps) -> tuple[list[str], list[torch.Tensor]]:
     if isinstance(attn, torch.Tensor):
         return [""], [attn]
     if isinstance(attn, Mapping):
-        items = [(k, v) for k, v in attn.items() if isinstance(v, torch.Tensor)]
-        if not items:
-            raise ValueError("no tensors in the attention dict")
-        return [k for k, _ in items], [v for _, v in items]
+        items = attention_maps(attn)
+        return [_label(k) for k in items], list(items.values())
     maps = list(attn)
     return [f"layer {i}" for i in range(len(maps))], maps
+
+
+def _one_layer(attn: Maps) -> torch.Tensor:
+    """One layer's maps: the tensor itself, or the last layer of a list / feature dict."""
+    if isinstance(attn, torch.Tensor):
+        return attn
+    _, layers = _layers(attn)
+    if not layers:
+        raise ValueError("no attention maps given")
+    return layers[-1]
 
 
 def _heads(attn: torch.Tensor, sample: int) -> torch.Tensor:
@@ -91,6 +152,7 @@ def attention_grid(
     cmap: str = "viridis",
     title: str | None = None,
     panel_size: float = 1.6,
+    max_tokens: int = 64,
     dpi: int = 100,
     save: str | Path | None = None,
 ) -> "Figure":
@@ -99,14 +161,16 @@ def attention_grid(
     ``attn`` is one layer's maps (``(B, heads, L, S)``) or several layers' (a list, or
     the feature dict of an extractor: its keys label the rows). All panels share one
     colour scale (shown by the colorbar), capped at the 99.5th percentile so that a
-    few large entries do not wash the rest out.
+    few large entries do not wash the rest out. Maps longer than ``max_tokens`` are
+    average-pooled to that size for display (a panel has fewer pixels than a 197-token
+    map has rows; this also keeps a 12 x 6 grid PNG under 1 MB).
 
     Example::
 
         >>> fig = attention_grid(feats, save="attention.png")
     """
     labels, layers = _layers(attn)
-    maps = [_heads(a, sample) for a in layers[:max_layers]]
+    maps = [_pooled(_heads(a, sample), max_tokens) for a in layers[:max_layers]]
     labels = labels[:max_layers]
     rows, cols = len(maps), min(max(m.shape[0] for m in maps), max_heads)
     fig = _figure(figsize=(panel_size * cols + 1.2, panel_size * rows + 0.6), dpi=dpi)
@@ -134,6 +198,12 @@ def attention_grid(
     fig.suptitle(title or f"Attention maps, sample {sample} ({rows} layer(s) x {cols} head(s))")
     _save(fig, save, dpi)
     return fig
+
+
+def _pooled(heads: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """(heads, L, S) average-pooled to at most ``max_tokens`` per side."""
+    size = (min(heads.shape[-2], max_tokens), min(heads.shape[-1], max_tokens))
+    return heads if size == tuple(heads.shape[-2:]) else F.adaptive_avg_pool2d(heads, size)
 
 
 def _short(label: str, width: int = 22) -> str:
@@ -167,7 +237,7 @@ def _image_hwc(image: Any, sample: int) -> torch.Tensor:
 
 
 def cls_attention(
-    attn: torch.Tensor, *, sample: int = 0, head: int | str = "mean", query: int = 0,
+    attn: Maps, *, sample: int = 0, head: int | str = "mean", query: int = 0,
     num_prefix_tokens: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The attention of token ``query`` (CLS) to every patch, as a (side, side) map.
@@ -177,14 +247,14 @@ def cls_attention(
         >>> cls_attention(feats["blocks.11.attn:attn"]).shape
         torch.Size([14, 14])
     """
-    heads = _heads(attn, sample)
+    heads = _heads(_one_layer(attn), sample)
     row = heads.mean(0)[query] if head == "mean" else heads[int(head)][query]
     prefix, side = _prefix_tokens(row.shape[-1], num_prefix_tokens)
     return row[prefix:].reshape(side, side)
 
 
 def attention_overlay(
-    attn: torch.Tensor,
+    attn: Maps,
     image: Any,
     *,
     sample: int = 0,
@@ -200,12 +270,14 @@ def attention_overlay(
     """The image, the CLS-to-patch attention map, and the map laid over the image.
 
     ``attn`` is one layer's maps ``(B, heads, N, N)`` (a rollout ``(B, N, N)`` works
-    too); ``head`` picks a head or averages them (``"mean"``).
+    too) or a feature dict (its last attention layer); ``head`` picks a head or
+    averages them (``"mean"``).
 
     Example::
 
         >>> attention_overlay(feats["blocks.11.attn:attn"], images, save="cls.png")
     """
+    attn = _one_layer(attn)
     grid = cls_attention(attn, sample=sample, head=head, query=query,
                          num_prefix_tokens=num_prefix_tokens)  # fmt: skip
     img = _image_hwc(image, sample)
@@ -309,4 +381,4 @@ def feature_grid(
     return fig
 
 
-__all__ = ["attention_grid", "attention_overlay", "attention_rollout", "cls_attention", "feature_grid"]
+__all__ = ["attention_maps", "attention_grid", "attention_overlay", "attention_rollout", "cls_attention", "feature_grid"]

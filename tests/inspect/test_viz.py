@@ -91,3 +91,45 @@ def test_bad_save_suffix_and_shapes(vit_maps, tmp_path):
         viz.feature_grid(feats["patch_embed"], save=tmp_path / "x.jpeg")
     with pytest.raises(ValueError, match="B, C, H, W"):
         viz.feature_grid(torch.randn(4, 4))
+
+
+def test_figures_take_the_feature_dict_of_capture(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, feats = capture(model, ["attn_probs", "blocks.0", "head"])(images)
+    maps = viz.attention_maps(feats)
+    assert list(maps) == [f"blocks.{i}.attn:attn_probs" for i in range(3)]
+    fig = viz.attention_grid(feats)
+    assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes if ax.images and ax.get_ylabel()] == [
+        f"blocks.{i}.attn" for i in range(3)
+    ]
+    overlay = viz.attention_overlay(feats, images)  # the last layer's CLS row
+    expected = feats["blocks.2.attn:attn_probs"][0].mean(0)[0, 1:].reshape(4, 4)
+    torch.testing.assert_close(torch.as_tensor(overlay.axes[1].images[0].get_array().data), expected)
+    rollout = viz.attention_rollout(feats)
+    torch.testing.assert_close(rollout, viz.attention_rollout([feats[k] for k in maps]))
+    with pytest.raises(ValueError, match="capture 'attn_probs'"):
+        viz.attention_maps({"head": feats["head"].flatten()})
+
+
+def test_a_12_by_6_grid_is_small_and_its_labels_do_not_overlap(tmp_path):
+    torch.manual_seed(0)
+    maps = {f"encoder.layers.encoder_layer_{i}.self_attention:attn_probs": torch.softmax(torch.randn(1, 6, 197, 197), -1)
+            for i in range(12)}  # fmt: skip  (noise: the worst case for PNG compression)
+    fig = viz.attention_grid(maps, save=tmp_path / "grid.png")
+    _check_png(fig, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size < 1_000_000
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = [ax.yaxis.label.get_window_extent(renderer) for ax in fig.axes if ax.images and ax.get_ylabel()]
+    boxes += [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.images and ax.get_title()]
+    assert len(boxes) == 12 + 6
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "two labels overlap"
