@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxcapture
+from conftest import hook_values
 from fxcapture import cli
 from fxcapture.dataset.reduce import resolve_reducers
 from fxcapture.dataset.sources import SyntheticImages
 from fxcapture.cli.models import TinyViT, build_model
-from fxcapture.dataset.storage import Column, UnfinishedOutputError, complete_chunks
+from fxcapture.dataset.storage import Column, TokenColumn, UnfinishedOutputError, complete_chunks
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -359,10 +360,112 @@ def test_reducers_by_capture_selector():
 def test_progress_bar_only_when_asked_or_on_a_terminal(tmp_path, capsys):
     model, x = tiny_vit(), images(6)
     fxcapture.extract(model, "blocks.1", x, out=tmp_path / "a", reduce="mean", batch_size=2)
-    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""  # not a terminal: a log line every 30 s, none in a short run
     fxcapture.extract(model, "blocks.1", x, out=tmp_path / "b", reduce="mean", batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "6/6" in err and "samples/s" in err
+
+
+# -- one row per token ------------------------------------------------------------------------
+class TinyLM(torch.nn.Module):
+    """Embedding and two tanh layers over ``input_ids`` (the mask is for the reducers)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return h
+
+
+def text_batches(n_batches, side, seed=0):
+    """Dict batches of 3 sequences of 1-7 real tokens, padded on ``side``."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        lengths = torch.randint(1, 8, (3,), generator=g)
+        ids, mask = torch.zeros(3, 7, dtype=torch.long), torch.zeros(3, 7, dtype=torch.long)
+        for i, n in enumerate(lengths.tolist()):
+            cols = slice(0, n) if side == "right" else slice(7 - n, 7)
+            ids[i, cols] = torch.randint(1, 50, (n,), generator=g)
+            mask[i, cols] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokens_are_the_models_hidden_states_at_exactly_the_real_tokens(tmp_path, side):
+    model, batches = TinyLM().eval(), text_batches(5, side)
+    feats = fxcapture.extract(model, ["layers.0", "layers.1"], batches, out=tmp_path / "o", reduce="tokens",
+                              chunk_size=4, dtype="bfloat16")  # fmt: skip
+    expected, ids, positions = {0: [], 1: []}, [], []
+    with torch.no_grad():  # the reference: forward hooks, then the mask picks the real tokens
+        for b in batches:
+            _, seen = hook_values(model, ["layers.0", "layers.1"], **b)
+            real = b["attention_mask"].bool()
+            for i in (0, 1):
+                for row in range(3):
+                    expected[i].append(seen[f"layers.{i}"][0][row][real[row]].bfloat16().float().numpy())
+            for row in range(3):
+                ids.append(b["input_ids"][row][real[row]].numpy())
+                positions.append(np.arange(int(real[row].sum())))
+    col = feats["layers.1"]
+    assert isinstance(col, TokenColumn) and col.samples == 15 and col.shape == (sum(map(len, ids)), 16)
+    for i in (0, 1):
+        np.testing.assert_array_equal(feats[f"layers.{i}"][:], np.concatenate(expected[i]))
+        for row in range(15):
+            np.testing.assert_array_equal(feats[f"layers.{i}"].sample(row), expected[i][row])
+    for row in range(15):
+        np.testing.assert_array_equal(feats["input_ids"].sample(row), ids[row])
+        np.testing.assert_array_equal(feats["positions"].sample(row), positions[row])
+    batch = next(iter(feats.loader("layers.1", batch_size=8, seed=0)))
+    assert batch.dtype == torch.bfloat16 and batch.shape == (8, 16)
+
+
+class CountedTexts(torch.utils.data.Dataset):
+    """30 sequences of 1-7 tokens; ``interrupt_at``: the item fetch that raises KeyboardInterrupt."""
+
+    def __init__(self, interrupt_at=None):
+        self.items = [(b["input_ids"][r], b["attention_mask"][r]) for b in text_batches(10, "right", seed=3)
+                      for r in range(3)]  # fmt: skip
+        self.calls, self.interrupt_at = 0, interrupt_at
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return self.items[i]
+
+
+def collate(items):
+    return {"input_ids": torch.stack([i for i, _ in items]), "attention_mask": torch.stack([m for _, m in items])}
+
+
+def test_a_token_budget_stops_at_its_size_and_resume_continues_it(tmp_path):
+    model, budget = TinyLM().eval(), 40
+    run = lambda data, out: fxcapture.extract(  # noqa: E731
+        model, ["layers.1"], DataLoader(data, batch_size=3, collate_fn=collate), out=out, reduce="tokens",
+        chunk_size=3, max_tokens=budget, data_name="texts")  # fmt: skip
+    reference = run(CountedTexts(), tmp_path / "ref")["layers.1"]
+    lengths = torch.stack([m for _, m in CountedTexts().items]).sum(1)
+    per_batch = lengths.view(-1, 3).sum(1).cumsum(0)
+    batches = int((per_batch < budget).sum()) + 1  # the batch that reaches the budget is the last
+    assert reference.samples == 3 * batches and len(reference) == int(per_batch[batches - 1]) >= budget
+    with pytest.raises(KeyboardInterrupt):  # 8 fetches for the identity, then the 3rd batch
+        run(CountedTexts(interrupt_at=8 + 2 * 3 + 2), tmp_path / "o")
+    assert 0 < sum(c.stop - c.start for c in complete_chunks(tmp_path / "o")) < reference.samples
+    resumed = run(CountedTexts(), tmp_path / "o")["layers.1"]
+    np.testing.assert_array_equal(resumed[:], reference[:])
+    np.testing.assert_array_equal(resumed.offsets, reference.offsets)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["tokens"] == len(reference)
 
 
 # -- command line -----------------------------------------------------------------------------
