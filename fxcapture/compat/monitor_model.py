@@ -11,16 +11,13 @@ Example::
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .._util.tree import tree_map
 from ..core.extractor import share_state
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
 
 
 def _detach(value: Any) -> Any:
@@ -60,13 +57,14 @@ class _Pending:
 
 
 class MonitoredModel(nn.Module):
-    """The model's forward that also hands chosen intermediates to a :class:`Monitor`.
+    """The model's forward that also hands chosen intermediates to ``monitor`` (a
+    :class:`~fxcapture.compat.monitor.Monitor`).
 
     It shares the model's submodules, parameters and buffers (``state_dict()`` keys
     are the model's) and returns exactly what the model returns.
     """
 
-    def __init__(self, model: nn.Module, extractor: nn.Module, monitor: "Monitor") -> None:
+    def __init__(self, model: nn.Module, extractor: nn.Module, monitor: Any) -> None:
         super().__init__()
         # the extractor and the monitor stay out of the module tree: their children are ours
         object.__setattr__(self, "_extractor", extractor)
