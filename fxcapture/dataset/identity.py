@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 from .._util.tree import leaves
 
 _SAMPLED_ITEMS = 8  # items of a dataset hashed for its fingerprint
+NOT_REPRODUCIBLE = "not reproducible: an item read twice differs (a random transform?)"
 
 
 def _code_hash(code: types.CodeType, h: Any) -> None:
@@ -121,6 +122,12 @@ def _value_hash(value: Any, h: Any) -> None:
         h.update(repr(value).encode())
 
 
+def _item_hash(dataset: Any, i: int) -> str:
+    h = hashlib.sha256()
+    _value_hash(dataset[i], h)
+    return h.hexdigest()
+
+
 def _files(dataset: Any) -> list | None:
     """Paths of a folder dataset (torchvision ``ImageFolder`` and alike: ``samples`` or ``imgs``)."""
     for attr in ("samples", "imgs", "files"):
@@ -131,14 +138,18 @@ def _files(dataset: Any) -> list | None:
 
 
 def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """The identity of a map-style dataset: its length, a hash of a few items' tensors, and
-    for a folder dataset the paths, sizes and modification times of its files."""
+    """The identity of a map-style dataset: its length, a hash of a few items' tensors (one
+    read twice: a random transform makes it :data:`NOT_REPRODUCIBLE`), and for a folder
+    dataset the paths, sizes and modification times of its files."""
     n = len(dataset)
     h = hashlib.sha256()
     picks = sorted({round(i * (n - 1) / max(1, _SAMPLED_ITEMS - 1)) for i in range(min(n, _SAMPLED_ITEMS))})
-    for i in picks:
-        _value_hash(dataset[i], h)
+    hashes = [_item_hash(dataset, i) for i in picks]
+    for item in hashes:
+        h.update(item.encode())
     found: dict[str, Any] = {"type": type(dataset).__qualname__, "items": n, "content": h.hexdigest()[:16]}
+    if picks and _item_hash(dataset, picks[-1]) != hashes[-1]:  # a random transform: new rows at every read
+        found["content"] = NOT_REPRODUCIBLE
     files = _files(dataset)
     if files is not None:
         fh = hashlib.sha256()

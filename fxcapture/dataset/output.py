@@ -92,6 +92,8 @@ def prepare_output(out: Path, config: dict[str, Any], *, resume: bool, overwrite
     state = existing_config(out)
     if state is not None and state[0] == "unfinished" and not complete_chunks(out):
         overwrite = True  # a run that stopped before its first chunk: nothing to keep
+    if state is not None and state[0] == "unfinished" and read_json(out / RUN).get("version") != VERSION:
+        overwrite = True  # chunks of an older format: computed again, in this one
     if state is not None and not overwrite:
         kind, old = state
         if config_hash(old) != config_hash(config):

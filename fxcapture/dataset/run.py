@@ -38,7 +38,14 @@ import torch
 from .._version import __version__
 from ..core.api import capture
 from .distributed import Group
-from .identity import data_fingerprint, describe, iterable_fingerprint, model_fingerprint, not_resumable
+from .identity import (
+    NOT_REPRODUCIBLE,
+    data_fingerprint,
+    describe,
+    iterable_fingerprint,
+    model_fingerprint,
+    not_resumable,
+)
 from .lock import OutputLock
 from .loop import Loop, autocast_context
 from .output import chunk_tokens, complete_chunks, finalize, prepare_output, remove_temporaries, uncovered
@@ -183,6 +190,9 @@ def extract(
                 f"shard; got {type(data).__name__}"
             )
         reason = not_resumable(data)
+        data_identity = _data_identity(data, source, reason)
+        if isinstance(data_identity, dict) and data_identity.get("content") == NOT_REPRODUCIBLE:
+            reason = "the dataset gives other values each time an item is read (a random transform?)"
         config = {
             "model": model_name or type(model).__qualname__,
             "model_fingerprint": model_fingerprint(model),
@@ -194,7 +204,7 @@ def extract(
             "inputs": describe(inputs),
             "capture_options": describe(capture_options),
             "data": data_name or source.describe(),
-            "data_fingerprint": _data_identity(data, source, reason),
+            "data_fingerprint": data_identity,
             "rows": source.total,
             "max_tokens": max_tokens,
             "identity": describe(identity),

@@ -435,6 +435,33 @@ def test_a_non_reproducible_iterable_is_refused_for_resume(tmp_path, kind):
     assert feats["blocks.1"].shape == (12, 96)
 
 
+class NoisyImages(torch.utils.data.Dataset):
+    """A random transform: every read of an item gives other values; Ctrl-C at a given read."""
+
+    def __init__(self, interrupt_at=None):
+        self.reads, self.interrupt_at = 0, interrupt_at
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.interrupt_at:
+            raise KeyboardInterrupt
+        return torch.randn(3, 32, 32)
+
+
+def test_a_dataset_with_a_random_transform_is_refused_for_resume(tmp_path):
+    model = tiny_vit()
+    kw = dict(out=tmp_path / "o", reduce="mean", batch_size=2, chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        fxcapture.extract(model, "blocks.1", NoisyImages(interrupt_at=9 + 7), **kw)
+    assert complete_chunks(tmp_path / "o")
+    with pytest.raises(ValueError, match="cannot be resumed: the dataset gives other values each time .*random transform"):
+        fxcapture.extract(model, "blocks.1", NoisyImages(), **kw)
+    assert fxcapture.extract(model, "blocks.1", NoisyImages(), overwrite=True, **kw)["blocks.1"].shape == (12, 96)
+
+
 # -- arguments, progress ---------------------------------------------------------------------
 NO_GPU = [] if torch.cuda.is_available() else [(dict(device="cuda"), "no CUDA GPU is available here")]
 

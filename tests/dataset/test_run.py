@@ -260,7 +260,7 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     job = runpy.run_path(str(script))
     resumed = job["run"](out)
-    fingerprint = 8  # the identity hashes 8 items of the dataset
+    fingerprint = 9  # the identity hashes 8 items of the dataset, one of them read twice
     assert job["SlowImages"].fetched == 64 - stored + fingerprint, "only rows without a complete chunk are loaded again"
     reference = job["run"](tmp_path / "ref")
     for key in ("blocks.1", "blocks.2"):
@@ -459,8 +459,8 @@ def test_a_token_budget_stops_at_its_size_and_resume_continues_it(tmp_path):
     per_batch = lengths.view(-1, 3).sum(1).cumsum(0)
     batches = int((per_batch < budget).sum()) + 1  # the batch that reaches the budget is the last
     assert reference.samples == 3 * batches and len(reference) == int(per_batch[batches - 1]) >= budget
-    with pytest.raises(KeyboardInterrupt):  # 8 fetches for the identity, then the 3rd batch
-        run(CountedTexts(interrupt_at=8 + 2 * 3 + 2), tmp_path / "o")
+    with pytest.raises(KeyboardInterrupt):  # 9 fetches for the identity, then the 3rd batch
+        run(CountedTexts(interrupt_at=9 + 2 * 3 + 2), tmp_path / "o")
     assert 0 < sum(c.stop - c.start for c in complete_chunks(tmp_path / "o")) < reference.samples
     resumed = run(CountedTexts(), tmp_path / "o")["layers.1"]
     np.testing.assert_array_equal(resumed[:], reference[:])
