@@ -13,11 +13,18 @@ Target (issue 6): extract >= 0.95 x the bare loop's samples/s. Then peak RSS of
 separate processes storing layer4 *whole* (no reduction) for two dataset sizes: the
 hook loop keeps every row in memory, extract streams them to disk.
 
+Text (issue 16): GPT-2 (the 124M default config, random weights) over synthetic
+documents cut into windows and sorted by length, the residual stream of 3 layers
+stored per real token in bfloat16 (``reduce="tokens"``): tokens/s of ``extract`` vs
+a bare forward loop over the same batches, then tokens/s of reading the store back
+in shuffled batches with ``load(out).loader``.
+
 Usage::
 
     python benchmarks/extract.py                       # CPU (+ CUDA when present), ~3 minutes
     python benchmarks/extract.py --quick               # tiny sizes: checks the script works
     python benchmarks/extract.py --samples 256 --rss-sizes 128 1280 --save
+    python benchmarks/extract.py --text-only --text-windows 64    # the text table only
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     ratio,
     report,
     synchronize,
+    time_call,
     time_interleaved,
 )
 
@@ -232,6 +241,110 @@ def measure_memory(device: torch.device, args: argparse.Namespace) -> Table:
     return table
 
 
+# -- text: tokens through GPT-2, stored per token -----------------------------------------
+def text_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[str], int]:
+    """GPT-2 (124M config; 2 tiny layers with --quick), a loader of sorted token windows,
+    the 3 residual-stream layers stored, and the real tokens per pass."""
+    import transformers
+    from torch.utils.data import DataLoader
+
+    from fxcapture.dataset.text import ByteTokenizer, TextDataset, synthetic_texts
+
+    small = dict(n_layer=2, n_embd=64, n_head=2) if args.quick else {}
+    config = transformers.GPT2Config(**small)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    length = 32 if args.quick else args.text_length
+    texts = synthetic_texts(args.text_windows, max_words=length // 4)  # ~5 bytes a word: 1 to ~1.2 windows each
+    data = TextDataset(texts, ByteTokenizer(config.vocab_size), max_length=length, stride=length,
+                       sort_window=8 * args.text_batch)  # fmt: skip
+    loader = DataLoader(data, batch_size=args.text_batch, collate_fn=data.collate_fn)
+    layers = sorted({round(i * (config.n_layer - 1) / 2) for i in range(3)})
+    return model, loader, [f"h.{i}" for i in layers], int(data.lengths.sum())
+
+
+def bare_text_loop(model: torch.nn.Module, loader: Any, device: torch.device) -> None:
+    with torch.inference_mode():
+        for batch in loader:
+            model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    synchronize(device)
+
+
+def extract_text(model: torch.nn.Module, names: list[str], loader: Any, device: torch.device, out: Path) -> Any:
+    from fxcapture import extract
+
+    return extract(model, names, loader, out=out, reduce="tokens", dtype="bfloat16", device=device,
+                   progress=False, overwrite=True)  # fmt: skip
+
+
+def text_values_match(model: torch.nn.Module, names: list[str], loader: Any, feats: Any, device: torch.device) -> bool:
+    """The store's first batch against forward hooks on the same batch, masked by hand."""
+    batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, o[0] if isinstance(o, tuple) else o)) for n in names]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    real = batch["attention_mask"].bool()
+    count = int(real.sum())
+    return all(
+        np.allclose(feats[n][:count], seen[n][real].bfloat16().float().cpu().numpy(), rtol=1e-2, atol=1e-2)
+        for n in names
+    )
+
+
+def measure_text(device: torch.device, args: argparse.Namespace) -> Table:
+    model, loader, names, tokens = text_setup(args)
+    model.to(device)
+    config = model.config
+    table = Table(
+        f"text: GPT-2 {config.n_layer} layers x {config.n_embd} ({'tiny, --quick' if args.quick else '124M config'}), "
+        f"{len(loader.dataset)} windows of <= {loader.dataset.settings['max_length']} tokens sorted by length, "
+        f"batch {args.text_batch}; {', '.join(names)} stored per token in bfloat16 ({device.type})",
+        ["method", "tokens/s (median)", "tokens/s (best)", "x bare", "same values"],
+    )
+    work = Path(tempfile.mkdtemp(prefix="fxcapture-bench-text-"))
+    try:
+        progress(f"{device}: text, checking values")
+        feats = extract_text(model, names, loader, device, work / "check")
+        same = text_values_match(model, names, loader, feats, device)
+        contenders: dict[str, Callable[[], Any]] = {
+            "bare forward": lambda: bare_text_loop(model, loader, device),
+            "extract (tokens, bfloat16)": lambda: extract_text(model, names, loader, device, work / "timed"),
+        }
+        progress(f"{device}: text, timing {args.rounds} interleaved rounds of {tokens} tokens")
+        timings = time_interleaved(contenders, args.rounds, warmup=1, device=device)
+        for method, t in timings.items():
+            table.add(method, f"{tokens / t.median:,.0f}", f"{tokens / t.best:,.0f}",
+                      fmt_ratio(1 / ratio(timings, method, "bare forward")), "yes" if same or method == "bare forward" else "NO")  # fmt: skip
+        readers = {
+            "read back, shuffled": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=True, seed=0)),
+            "read back, in order": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=False)),
+        }
+        for method, fn in readers.items():
+            times = [time_call(fn)[0] for _ in range(max(3, args.rounds))]
+            rows = len(feats[names[0]])
+            table.add(f"{method} (one key, batches of 4096)", f"{rows / statistics.median(times):,.0f}",
+                      f"{rows / min(times):,.0f}", "-", "-")  # fmt: skip
+        x_bare = 1 / ratio(timings, "extract (tokens, bfloat16)", "bare forward")
+        row_bytes = len(names) * config.n_embd * 2
+        table.notes.append(
+            f"extract x bare {x_bare:.3f} tokens/s (target >= {TARGET}: {'met' if x_bare >= TARGET else 'not met'}); "
+            f"{tokens} real tokens a pass, {row_bytes} bytes stored per token ({len(names)} keys), plus ids and positions"
+        )
+        table.notes.append(
+            "read back: every token of one key once, as torch bfloat16 batches from the memory-mapped chunks "
+            "(warm page cache: the store was just written)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, batch_size=16, rounds=5)
@@ -243,6 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rss-image-size", type=int, default=None, help="default 128 (64 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak RSS table")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--text-windows", type=int, default=None,
+                        help="text documents (about one window each) per timed pass (default 48; 8 with --quick)")
+    parser.add_argument("--text-length", type=int, default=256, help="tokens per text window (default 256)")
+    parser.add_argument("--text-batch", type=int, default=8, help="text windows per batch (default 8)")
+    parser.add_argument("--no-text", action="store_true", help="skip the text table")
+    parser.add_argument("--text-only", action="store_true", help="only the text table")
     parser.add_argument("--rss-child", nargs=2, metavar=("METHOD", "SAMPLES"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -255,12 +374,16 @@ def main(argv: list[str] | None = None) -> None:
     args.image_size = args.image_size or (64 if args.quick else 224)
     args.rss_sizes = args.rss_sizes or ([8, 80] if args.quick else [32, 320])
     args.rss_image_size = args.rss_image_size or (64 if args.quick else 128)
+    args.text_windows = args.text_windows or (8 if args.quick else 48)
     sections: list[Any] = []
     for device in devices(args.device):
         sections.append(header_line(args, device))
-        sections.append(measure_throughput(device, args))
-        if not args.no_memory:
-            sections.append(measure_memory(device, args))
+        if not args.text_only:
+            sections.append(measure_throughput(device, args))
+            if not args.no_memory:
+                sections.append(measure_memory(device, args))
+        if not args.no_text:
+            sections.append(measure_text(device, args))
     report("extract", sections, args.save)
 
 
