@@ -69,10 +69,8 @@ def add_feature_outputs(
     feature_leaves, feature_spec = pytree.tree_flatten(
         dict(features), is_leaf=lambda v: isinstance(v, fx.Node)
     )
-    placeholder = pytree.tree_unflatten([0] * out_spec.num_leaves, out_spec)
-    features_like = pytree.tree_unflatten([0] * feature_spec.num_leaves, feature_spec)
     graph._codegen.pytree_info = info._replace(
-        out_spec=pytree.tree_structure((placeholder, features_like))
+        out_spec=pytree.TreeSpec(tuple, None, [out_spec, feature_spec])
     )
     output.args = (tuple(flat + feature_leaves),)
 

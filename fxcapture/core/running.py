@@ -256,6 +256,19 @@ def _node_modules(graph: fx.Graph) -> None:
         node.meta["fxcapture_module"] = next(reversed(stack.values()))[0] if stack else ""
 
 
+def _register_output_types(model: torch.nn.Module) -> None:
+    """transformers models return ``Cache`` objects: let export flatten them, with
+    transformers' own registration (once per class; a no-op for other models)."""
+    for module in model.modules():
+        if type(module).__module__.startswith("transformers."):
+            try:  # optional dependency
+                from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+            except ImportError:
+                return
+            register_cache_pytrees_for_model(module)
+            return
+
+
 def trace_by_running(
     model: torch.nn.Module, args: tuple, kwargs: dict, *, attention: str | None = None
 ) -> tuple[TraceResult, InputGuard]:
@@ -269,6 +282,7 @@ def trace_by_running(
     devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
                       if isinstance(t, torch.Tensor) and t.device.type == "cuda"})  # fmt: skip
     # tracing draws no random numbers of the caller's; hooks and trace functions go
+    _register_output_types(model)
     snapshot = ModelSnapshot(model)
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         collector.install()

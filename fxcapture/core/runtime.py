@@ -185,7 +185,7 @@ class RuntimeCapture:
 
     def _install(self, session: _Session) -> list[Any]:
         handles = []
-        if session.discovering or self.local_codes:
+        if session.discovering or self.local_codes or self.attention is not None:
             enter, leave = self._region_hooks(session)
             for module in self.region_modules:
                 handles.append(module.register_forward_pre_hook(enter))
