@@ -277,3 +277,31 @@ def test_every_command_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: fxcapture {command}")
+
+
+# -- the documentation of the layout ------------------------------------------------------------
+def test_each_package_docstring_says_what_it_may_import():
+    for package in ORDER:
+        doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
+        assert doc, f"fxcapture/{package}/__init__.py has no docstring"
+        assert "import" in doc, f"fxcapture/{package}'s docstring does not say what it may import"
+
+
+def test_the_readme_table_names_every_package_and_module():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## How it is built"):]
+    section = section[: section.find("\n## ", 3)] if "\n## " in section[3:] else section
+    for package in ORDER:
+        assert f"`{package}/`" in section, f"README 'How it is built' lacks the package {package}/"
+    missing = [
+        name for name in source_files()
+        if name.count(".") == 2  # fxcapture.<package>.<module>
+        and f"`{name.rsplit('.', 1)[1]}`" not in section
+        and not any(f"`{prefix}*`" in section for prefix in _prefixes(name.rsplit(".", 1)[1]))
+    ]
+    assert not missing, f"README 'How it is built' does not name the modules {missing}"
+
+
+def _prefixes(module: str) -> list[str]:
+    """``monitor_store`` -> ``monitor_``: a table may name a family as ``monitor_*``."""
+    return [module[: i + 1] for i, c in enumerate(module) if c == "_"]
