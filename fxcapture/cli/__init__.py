@@ -15,6 +15,7 @@ import sys
 from typing import Callable
 
 from .._version import __version__
+from ..core.select import HOW_TO_LIST
 from . import attention, demo, extract, graph, names
 
 # name -> (module, help)
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int | None] = args.run
+    token = HOW_TO_LIST.set(f"fxcapture names {getattr(args, 'model', None) or 'MODEL'}")  # errors name the CLI
     try:
         return run(args) or 0
     except BrokenPipeError:  # `fxcapture names ... | head`
@@ -56,3 +58,5 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"fxcapture {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        HOW_TO_LIST.reset(token)

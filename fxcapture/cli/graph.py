@@ -21,6 +21,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="module view: cut module paths after this many components (default: fit ~80 nodes)")  # fmt: skip
     parser.add_argument("--graphml", default=None, help="also write the graph as GraphML to this file")
     parser.add_argument("--no-shapes", action="store_true", help="skip running an example input for shapes")
+    parser.add_argument("--attention", choices=["weights"], default=None,
+                        help="draw fused attention explicitly, with its attn_probs (implied by --names attn_probs)")  # fmt: skip
 
 
 def _auto_depth(g: nx.DiGraph, limit: int = 80) -> int | None:
@@ -33,7 +35,7 @@ def _auto_depth(g: nx.DiGraph, limit: int = 80) -> int | None:
 def run_cli(args: argparse.Namespace) -> int:
     model = build_model(args.model)
     example = None if args.no_shapes else example_input(model)
-    g = to_networkx(model, example, names=args.names or None)
+    g = to_networkx(model, example, names=args.names or None, attention=args.attention)
     if args.view == "module":
         depth = args.depth if args.depth is not None else _auto_depth(g)
         g = module_view(g, depth)

@@ -13,11 +13,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("pattern", nargs="?", default=None, help="glob over keys, e.g. 'layer4*'")
     parser.add_argument("--kind", action="append", choices=["module", "local", "node"],
                         help="only these kinds (repeatable); default: modules and locals")  # fmt: skip
+    parser.add_argument("--attention", choices=["weights"], default=None,
+                        help="list attn_probs too: compute fused attention explicitly (implied by a pattern naming attn_probs)")  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
     model = build_model(args.model)
-    table = list_names(model, args.pattern, kinds=args.kind or ("module", "local"))
-    print(table)
-    print(f"\n{len(table)} names")
+    table = list_names(model, args.pattern, kinds=args.kind or ("module", "local"), attention=args.attention,
+                       how_to_list=f"fxcapture names {args.model}")  # fmt: skip
+    print(repr(table))
     return 0

@@ -135,7 +135,7 @@ def list_names(
     concrete_args: dict[str, Any] | None = None,
     attention: str | None = None,
     example_inputs: Any = None,
-    how_to_list: str = "fxcapture.list_names(model)",
+    how_to_list: str | None = None,
 ) -> NameTable:
     """Every capturable name of ``model``, in execution order.
 

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import re
@@ -212,14 +213,24 @@ def _path_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module, leave
     return ""
 
 
+# How an error tells the user to list every name; the CLI sets "fxcapture names MODEL".
+HOW_TO_LIST: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "fxcapture_how_to_list", default="fxcapture.list_names(model)"
+)
+
+
 def unknown_selector_error(
     catalogue: Catalogue,
     selector: Selector,
     root: torch.nn.Module | None = None,
     leaves: set[str] = frozenset(),
-    how_to_list: str = "fxcapture.list_names(model)",
+    how_to_list: str | None = None,
 ) -> ValueError:
-    """A ``ValueError`` saying why ``selector`` selects nothing, with close keys."""
+    """A ``ValueError`` saying why ``selector`` selects nothing, with close keys.
+
+    ``how_to_list`` defaults to :data:`HOW_TO_LIST` (``fxcapture.list_names(model)``).
+    """
+    how_to_list = how_to_list or HOW_TO_LIST.get()
     if callable(selector):
         return ValueError(
             f"the predicate {selector!r} selected no value; "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
+from .graph import leftovers
 from .viz import _figure, _save
 
 if TYPE_CHECKING:
@@ -31,12 +32,24 @@ def _layers(g: nx.DiGraph) -> dict[Any, int]:
     return depth
 
 
+def _short(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
 def _label(node: str, data: dict, module_level: bool) -> str:
+    """Module view: the module path, plus what was captured inside it when that is not the
+    module itself; op view: the selected key of a captured op, else the local or module
+    output it holds."""
+    keys = [k for k in data.get("captured_as", "").split(", ") if k]
     if module_level:
-        name = node if node.count(".") < 3 else "..." + ".".join(node.split(".")[-2:])
-        return f"{name}\n{data['shape']}" if data.get("shape") else name
-    name = data.get("locals") or data.get("module_output") or node
-    name = name.split(", ")[0]
+        name = _short(node)
+        inside = [k for k in keys if k.partition("@")[0] != node]
+        if inside and len(inside) == len(keys):
+            name += f"\n[{_short(inside[0], 26)}" + (f" +{len(inside) - 1}]" if len(inside) > 1 else "]")
+    elif keys:
+        name = _short(keys[0]) + (f" (+{len(keys) - 1})" if len(keys) > 1 else "")
+    else:
+        name = _short((data.get("locals") or data.get("module_output") or node).split(", ")[0])
     return f"{name}\n{data['shape']}" if data.get("shape") else name
 
 
@@ -65,6 +78,8 @@ def draw(
     module_level = "ops" in next(iter(g.nodes.values()), {})  # a module_view
     if module_level:  # containers without ops of their own add nothing to the picture
         g = g.subgraph([n for n, d in g.nodes(data=True) if d["ops"] or g.degree(n)])
+    else:
+        g = g.subgraph(set(g) - leftovers(g))
     depth = _layers(g)
     for node, d in depth.items():
         g.nodes[node]["_layer"] = d
@@ -78,9 +93,10 @@ def draw(
     ax = fig.subplots()
     captured = [n for n, d in g.nodes(data=True) if d.get("captured")]
     others = [n for n in g if n not in set(captured)]
-    nx.draw_networkx_edges(g, pos, ax=ax, edge_color="#9a9a9a", arrows=True, arrowsize=6, width=0.7,
-                           node_size=60)  # fmt: skip
     plain_size = 260 if module_level else 25
+    sizes = [120 if g.nodes[n].get("captured") else plain_size for n in g]
+    nx.draw_networkx_edges(g, pos, ax=ax, edge_color="#7a7a7a", arrows=True, arrowstyle="-|>",
+                           arrowsize=9, width=0.7, node_size=sizes)  # fmt: skip
     nx.draw_networkx_nodes(g, pos, nodelist=others, ax=ax, node_color="#a6c8e0", node_size=plain_size,
                            edgecolors="#4a6f8a", linewidths=0.5)  # fmt: skip
     nx.draw_networkx_nodes(g, pos, nodelist=captured, ax=ax, node_color="#e0413a", node_size=120,

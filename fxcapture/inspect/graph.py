@@ -43,7 +43,7 @@ from ..core.spec import CaptureSpec
 
 
 # -- building ---------------------------------------------------------------------------
-def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any]):
+def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any], attention: str | None = None):
     """(graph, catalogue, captured nodes, constants) of a model or an extractor."""
     if isinstance(model, Extractor):
         if model.graph is None:
@@ -52,20 +52,28 @@ def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any]):
                 f"untraced: {model.untraced}"
             )
         program = model._program
-        captured = {n for info in program.features.values() for n in nodes(info.value)}
-        return program.graph, program.catalogue, captured, model
+        return program.graph, program.catalogue, _captured_as(program.features), model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_networkx needs an nn.Module or an Extractor, got {type(model).__name__}")
-    result, catalogue, untraced = trace_with_fallback(model, CaptureSpec((), leaf_modules=leaf_modules))
+    spec = CaptureSpec(names or (), leaf_modules=leaf_modules, attention=attention)
+    result, catalogue, untraced = trace_with_fallback(model, spec)
     if result is None:
         raise ValueError(
             f"torch.fx cannot trace this model ({untraced.get('')}); there is no graph to show"
         )
-    captured: set[fx.Node] = set()
+    captured: dict[fx.Node, list[str]] = {}
     if names:
-        features = resolve(catalogue, names, model, result.leaf_paths)
-        captured = {n for info in features.values() for n in nodes(info.value)}
+        captured = _captured_as(resolve(catalogue, names, model, result.leaf_paths))
     return result.graph, catalogue, captured, _AttrSource(model, result.constants)
+
+
+def _captured_as(features: dict[str, Any]) -> dict[fx.Node, list[str]]:
+    """{node: the feature keys (as selected: ``layer4``, ``blocks.3.attn:attn``) it holds}."""
+    found: dict[fx.Node, list[str]] = defaultdict(list)
+    for key, info in features.items():
+        for node in nodes(info.value):
+            found[node].append(key)
+    return found
 
 
 class _AttrSource:
@@ -135,6 +143,7 @@ def to_networkx(
     *,
     names: Any = None,
     leaf_modules: Iterable[Any] = (),
+    attention: str | None = None,
 ) -> nx.DiGraph:
     """The fx graph as a ``networkx.DiGraph``, one node per fx node, edges = fx ``users``.
 
@@ -144,7 +153,8 @@ def to_networkx(
         example_inputs: a tensor or a tuple of positional inputs: adds ``shape`` and
             ``dtype`` attributes.
         names: selectors to mark as ``captured`` when a model is given.
-        leaf_modules: as for :func:`fxcapture.capture`.
+        leaf_modules, attention: as for :func:`fxcapture.capture` (``names`` asking for
+            ``attn_probs`` imply ``attention="weights"``).
 
     Example::
 
@@ -152,7 +162,7 @@ def to_networkx(
         >>> [n for n, d in g.nodes(data=True) if d["captured"]]
         ['layer4_1_relu_1']
     """
-    graph, catalogue, captured, source = _traced(model_or_extractor, names, leaf_modules)
+    graph, catalogue, captured, source = _traced(model_or_extractor, names, leaf_modules, attention)
     shapes = {}
     if example_inputs is not None:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -167,6 +177,7 @@ def to_networkx(
             locals=", ".join(local_keys.get(node, [])),
             module_output=", ".join(module_keys.get(node, [])),
             shape=shape, dtype=dtype, captured=node in captured,
+            captured_as=", ".join(captured.get(node, [])),
         )  # fmt: skip
     for node in graph.nodes:
         for user in node.users:
@@ -203,26 +214,50 @@ def module_view(g: nx.DiGraph, depth: int | None = None) -> nx.DiGraph:
     modules = {_truncate(path, depth) for path in called}
     view = nx.DiGraph(name=g.graph.get("name", ""))
     owner: dict[str, str] = {}
+    hidden = leftovers(g)
     for name, data in sorted(g.nodes(data=True), key=lambda item: item[1]["order"]):
+        if name in hidden:
+            continue
         key, kind = _owner(name, data, modules, depth)
         owner[name] = key
         if key not in view:
-            view.add_node(key, kind=kind, ops=0, captured=False, shape="", order=data["order"])
+            view.add_node(key, kind=kind, ops=0, captured=False, shape="", order=data["order"], captured_as="")
         attrs = view.nodes[key]
         attrs["ops"] += 1
         attrs["captured"] = attrs["captured"] or data["captured"]
+        if data.get("captured_as"):
+            attrs["captured_as"] = ", ".join(filter(None, [attrs["captured_as"], data["captured_as"]]))
         if kind != "module":
             attrs["shape"] = data["shape"]
         for output_key in filter(None, data["module_output"].split(", ")):
             if output_key.partition("@")[0] == key and not attrs["shape"]:
                 attrs["shape"] = data["shape"]
     for u, v in g.edges:
-        if owner[u] != owner[v]:
+        if u in owner and v in owner and owner[u] != owner[v]:
             view.add_edge(owner[u], owner[v])
     # Containers that own no op themselves (a Sequential) are nodes too, without edges.
     for path in sorted(modules - set(view), key=called.index if depth is None else len):
-        view.add_node(path, kind="module", ops=0, captured=False, shape="", order=-1)
+        view.add_node(path, kind="module", ops=0, captured=False, shape="", order=-1, captured_as="")
     return view
+
+
+def leftovers(g: nx.DiGraph) -> set[str]:
+    """Trace leftovers a drawing hides: ``_assert*`` checks of constant arguments and
+    values nothing uses (unused constants, dead ``size`` calls), unless captured.
+
+    Example::
+
+        >>> "_assert_is_none" in leftovers(to_networkx(model))
+        True
+    """
+    hidden: set[str] = set()
+    for name, data in sorted(g.nodes(data=True), key=lambda item: -item[1]["order"]):  # users first
+        if data["captured"] or data["op"] in ("placeholder", "output"):
+            continue
+        is_assert = str(data.get("target", "")).lstrip("_").startswith("assert")
+        if is_assert or all(user in hidden for user in g.successors(name)):
+            hidden.add(name)
+    return hidden
 
 
 def _owner(name: str, data: dict, modules: set[str], depth: int | None) -> tuple[str, str]:
@@ -238,4 +273,4 @@ def _owner(name: str, data: dict, modules: set[str], depth: int | None) -> tuple
 
 
 # -- drawing ----------------------------------------------------------------------------
-__all__ = ["module_view", "to_networkx"]
+__all__ = ["leftovers", "module_view", "to_networkx"]
