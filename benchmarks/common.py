@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -254,13 +255,8 @@ def _equal(x: Any, y: Any) -> bool:
         return list(x) == list(y) and same_values(x.values(), y.values())
     if hasattr(x, "to_tuple") and hasattr(y, "to_tuple"):  # transformers ModelOutput
         return same_values(x.to_tuple(), y.to_tuple())
-    try:
-        import numpy as np
-
-        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-            return _equal(torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)))
-    except ImportError:
-        pass
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return _equal(torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)))
     return x == y
 
 

@@ -8,7 +8,7 @@ map, ``fused_attn=False``):
 - ``torchvision``: ``create_feature_extractor`` on the same nodes (plus the output node);
 - ``hooks``: TorchHook-style forward hooks that keep the module outputs;
 - ``get_local``: AnyCapture-style decorator on ``Attention.forward`` (fxcapture's own
-  port, ``fxcapture.get_local``, when it exists; locals only, so n/a on resnet50);
+  port, ``fxcapture.get_local``; locals only, so n/a on resnet50);
 - ``TorchLens``: ``torchlens.trace`` saving the same modules, when installed (the
   ``bench`` extra). TorchLens wraps every torch function when imported, which slows every
   other method in the process, so it runs in a subprocess of its own that times the
@@ -65,6 +65,8 @@ from benchmarks.common import (  # noqa: E402
     time_call,
     time_interleaved,
 )
+from fxcapture import capture, get_local  # noqa: E402
+from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
 HEADERS = ["model", "method", "x plain", "median ms", "build s", "peak MiB",
            "locals", "compile", "fallback", "same values"]  # fmt: skip
@@ -73,14 +75,8 @@ METHODS = ["plain", "fxcapture", "torchvision", "hooks", "get_local", "TorchLens
 
 def supports(method: str) -> tuple[str, str, str]:
     """(locals, compile, fallback) for a method: what it can do, from its design and docs."""
-    from fxcapture import capture
-
-    if method == "fxcapture":
-        import inspect
-
-        fallback = "yes" if "fallback" in inspect.signature(capture).parameters else "no (not yet)"
-        return "yes", "yes (1 graph)", fallback
     return {
+        "fxcapture": ("yes", "yes (1 graph)", "yes"),
         "plain": ("-", "-", "-"),
         "torchvision": ("no (fx nodes)", "yes", "no"),
         "hooks": ("no", "partial (hooks added after compile are dropped)", "yes"),
@@ -98,11 +94,6 @@ class GetLocalCapture:
     """
 
     def __init__(self, wl: Workload) -> None:
-        import fxcapture
-
-        get_local = getattr(fxcapture, "get_local", None)
-        if get_local is None:
-            raise LookupError("fxcapture.get_local is not available")
         if wl.local is None or wl.local_owner is None:
             raise LookupError("get_local captures locals; this workload captures module outputs")
         self.get_local = get_local
@@ -130,16 +121,11 @@ class GetLocalCapture:
 
     def close(self) -> None:
         self.get_local.clear()
-        if hasattr(self.get_local, "deactivate"):
-            self.get_local.deactivate()
+        self.get_local.deactivate()
 
 
 def build_methods(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, Callable], dict[str, float], dict[str, str]]:
     """Build every in-process method; return calls, build seconds and why some are n/a."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    from fxcapture import capture
-
     hooked_model = copy.deepcopy(wl.model)
     last_hooks: list[HookCapture] = []
 
@@ -170,10 +156,8 @@ def build_methods(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, Cal
     try:
         build_s["get_local"], get_local = time_call(lambda: GetLocalCapture(wl))
         calls["get_local"] = lambda: get_local(*x)
-    except LookupError as err:
+    except LookupError as err:  # a workload without locals
         missing["get_local"] = str(err)
-    except Exception as err:  # an API that differs from AnyCapture's: say so, keep the others
-        missing["get_local"] = f"{type(err).__name__}: {err}"
     return calls, build_s, missing
 
 
