@@ -62,7 +62,9 @@ class CaptureSpec:
             raise CaptureError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.attention is not None:
             check_mode(self.attention)
-        elif asks_for_probabilities(self.names):
+        elif asks_for_probabilities(self.names) or (
+            isinstance(self.edit, Mapping) and asks_for_probabilities([s for s in self.edit if isinstance(s, str)])
+        ):
             object.__setattr__(self, "attention", "weights")
         for leaf in self.leaf_modules:
             if not isinstance(leaf, (type, str)):
