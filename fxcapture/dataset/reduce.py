@@ -163,7 +163,7 @@ def _signature_takes_mask(fn: Callable) -> bool:
 
 def takes_mask(fn: Callable) -> bool:
     """Does ``fn`` take the attention mask as a second argument (``fn(value, mask)``)?"""
-    if fn in REDUCERS.values():
+    if any(fn is r for r in REDUCERS.values()):
         return True
     try:
         return _signature_takes_mask(fn)
