@@ -15,6 +15,8 @@ Run: ``python examples/activation_patching.py``
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn as nn
 
@@ -52,7 +54,8 @@ def train(model: nn.Module, steps: int = 120) -> float:
         return (model(tokens).argmax(-1) == tokens[:, SOURCE]).float().mean().item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     torch.manual_seed(0)
     model = Copier()
     print(f"accuracy after training: {train(model):.2f}")

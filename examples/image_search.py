@@ -14,6 +14,8 @@ script again finds the finished output and does not recompute it.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,11 @@ from torchvision.datasets import ImageFolder
 from fxcapture import extract, load
 
 
+# extract recognises a dataset by its files' paths, sizes and times: synthetic images made
+# again get the same time, so that a rerun finds its finished output
+SYNTHETIC_MTIME_NS = 1_700_000_000 * 10**9
+
+
 def synthetic_folder(root: Path, per_class: int = 8, size: int = 48) -> Path:
     """Two classes: reddish and bluish noise images, as PNG files."""
     from PIL import Image
@@ -37,7 +44,9 @@ def synthetic_folder(root: Path, per_class: int = 8, size: int = 48) -> Path:
         for i in range(per_class):
             pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
             pixels[..., channel] = rng.integers(150, 256, (size, size), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+            path = root / cls / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            os.utime(path, ns=(SYNTHETIC_MTIME_NS, SYNTHETIC_MTIME_NS))  # the same files on every run
     return root
 
 
@@ -68,12 +77,21 @@ def nearest(embeddings: np.ndarray, k: int = 3) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", help="image folder (default: a synthetic one)")
-    parser.add_argument("--out", default=None, help="where the features go (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="where the features go (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="fxcapture-search-"))
-    folder = Path(args.folder) if args.folder else synthetic_folder(work / "images")
-    out = Path(args.out) if args.out else work / "features"
+    # one fixed temporary folder (the synthetic images keep their paths, so a rerun with the
+    # same --out finds its finished output), removed at the end: nothing is left behind
+    work = Path(tempfile.gettempdir()) / "fxcapture-image-search"
+    try:
+        folder = Path(args.folder) if args.folder else synthetic_folder(work / "images")
+        out = Path(args.out) if args.out else work / "features"
+        return search(folder, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def search(folder: Path, out: Path) -> dict:
+    """Embed ``folder`` into ``out`` (or reuse the finished output) and print neighbours."""
     feats, dataset = embed(folder, out)
     print(f"{len(dataset)} images -> {out}/: " + ", ".join(f"{k} {v.shape}" for k, v in feats.items()))
     assert np.array_equal(load(out)["layer4"], feats["layer4"])  # what any later process reads
@@ -84,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         names = [Path(dataset.samples[j][0]).relative_to(folder).as_posix() for j in neighbours[i]]
         print(f"  {Path(dataset.samples[i][0]).relative_to(folder).as_posix()}: nearest {names}")
     print(f"neighbours of the same class: {agreement:.0%} (random weights: colour statistics only)")
-    return {"features": feats, "dataset": dataset, "neighbours": neighbours, "agreement": agreement, "out": out}
+    features = {k: np.array(v) for k, v in feats.items()}  # in memory: the output may be temporary
+    return {"features": features, "dataset": dataset, "neighbours": neighbours, "agreement": agreement, "out": out}
 
 
 if __name__ == "__main__":
