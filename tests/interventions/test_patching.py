@@ -314,11 +314,12 @@ def test_patching_a_gpt2_block_through_the_fallback_equals_hooks():
     assert_same(result.corrupted.logits, model(b).logits.detach(), exact=False)
 
 
-def test_the_example_finds_the_copied_position(capsys):
+def test_the_example_finds_the_copied_position(capsys, monkeypatch):
     import runpy
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "activation_patching.py"
+    monkeypatch.setattr("sys.argv", [str(path)])  # the example parses its command line
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: extra threads only contend on a busy machine
     try:
