@@ -1,30 +1,37 @@
-"""timm families at tiny configs (fused attention off, so attention maps are locals)."""
+"""timm across families (tests/zoo/timm_models.py): output, feature_info modules vs
+hooks, three SGD steps vs an eager copy (outputs, features, gradients, buffers)."""
 
 from __future__ import annotations
 
 import pytest
 
+import timm_models as tm
 import zoo_checker as zc
 
 
-def _assert_conforms(name: str) -> None:
-    zc.assert_conforms(*zc.build_timm(name), name)
+def test_sample_covers_every_family():
+    """At least 150 models; every family of timm.list_models() but the huge-only ones."""
+    import timm
+
+    names = tm.sample_names()
+    assert len(names) >= 150 and len(set(names)) == len(names)
+    all_families = {tm.family(n) for n in timm.list_models()}
+    left_out = all_families - {tm.family(n) for n in names}
+    assert all(all(tm._HUGE.search(n) for n in timm.list_models() if tm.family(n) == f) for f in left_out)
+    assert len(left_out) < 10, left_out
 
 
-def test_vit_attention_maps_are_checked():
-    """The block-forward locals of a timm ViT include the softmax map ``attn``."""
-    model, x = zc.build_timm("vit_tiny_patch16_224")
-    plan = zc.plan_captures(model, x)
-    assert plan.locals_module == "blocks.0.attn"
-    assert "blocks.0.attn:attn" in plan.local_keys
+def test_feature_modules_are_what_timm_hooks():
+    model, _ = tm.build_timm("resnet18")
+    assert tm.feature_modules(model) == ["act1", "layer1", "layer2", "layer3", "layer4"]
 
 
-@pytest.mark.parametrize("name", zc.CI_TIMM)
+@pytest.mark.parametrize("name", tm.CI_TIMM)
 def test_ci_subset(name):
-    _assert_conforms(name)
+    tm.assert_timm_conforms(name)
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", zc.zoo_params(list(zc.TIMM_MODELS), "timm"))
+@pytest.mark.parametrize("name", zc.zoo_params(tm.sample_names(), "timm"))
 def test_timm_model(name):
-    _assert_conforms(name)
+    tm.assert_timm_conforms(name)
