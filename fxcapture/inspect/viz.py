@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image  # a dependency of torchvision (and of matplotlib)
 
 from .._util.atomic import atomic_file
 
@@ -58,8 +59,6 @@ def _save(fig: "Figure", save: str | Path | None, dpi: int) -> None:
 
 def _save_png(fig: "Figure", path: Path | str, dpi: int) -> None:
     """A 256-colour PNG: figures use 256-entry colormaps, and the file is ~3x smaller."""
-    from PIL import Image  # matplotlib depends on Pillow
-
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
     buffer.seek(0)

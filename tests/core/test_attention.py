@@ -306,3 +306,58 @@ def test_llama_sdpa_capture_equals_eager_attentions():
     assert len(feats) == 2
     for value, expected in zip(feats.values(), ref.attentions):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)
+
+
+# -- the run-time mode: MultiheadAttention and unfused softmax -> matmul ---------------------
+
+
+def _encoder_and_reference(x: torch.Tensor):
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                    enable_nested_tensor=False).eval()  # fmt: skip
+    expected, h = [], x
+    with torch.no_grad():
+        for layer in encoder.layers:
+            expected.append(layer.self_attn(h, h, h, need_weights=True, average_attn_weights=False)[1])
+            h = layer(h)
+    return encoder, expected
+
+
+def test_runtime_mode_gives_multihead_attention_weights():
+    x = torch.randn(2, 5, 16)
+    encoder, expected = _encoder_and_reference(x)
+    maps = []
+    with torch.no_grad():
+        with ExplicitAttentionMode(maps.append):
+            out = encoder(x)
+        torch.testing.assert_close(out, encoder(x), atol=1e-5, rtol=1e-4)  # fast path outside the mode
+    assert len(maps) == 2
+    for value, ref in zip(maps, expected):
+        torch.testing.assert_close(value, ref)
+
+
+def test_fallback_always_captures_probabilities_at_run_time():
+    x = torch.randn(2, 5, 16)
+    encoder, expected = _encoder_and_reference(x)
+    ex = capture(encoder, "attn_probs", fallback="always")
+    for _ in range(2):  # the first call discovers the names, the second uses them
+        with torch.no_grad():
+            out, feats = ex(x)
+        assert list(feats) == ["layers.0.self_attn:attn_probs", "layers.1.self_attn:attn_probs"]
+        for value, ref in zip(feats.values(), expected):
+            torch.testing.assert_close(value, ref)
+
+
+def test_runtime_mode_reports_unfused_softmax_before_dropout_and_cast():
+    def attention(q, k, v):
+        probs = torch.softmax(q @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
+        dropped = F.dropout(probs.to(q.dtype), p=0.0)
+        scores_elsewhere = torch.softmax(q.sum(-1), -1)  # a softmax that feeds no matmul
+        return dropped @ v, probs, scores_elsewhere
+
+    q, k, v = (torch.randn(2, 3, 4, 8) for _ in range(3))
+    maps = []
+    with ExplicitAttentionMode(maps.append):
+        out, probs, _ = attention(q, k, v)
+    assert len(maps) == 1 and torch.equal(maps[0], probs)
+    torch.testing.assert_close(out, (q @ k.transpose(-2, -1)).softmax(-1) @ v)
