@@ -401,7 +401,11 @@ def load(out: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> F
     out = Path(out)
     manifest = read_manifest(out)
     build = _columns_v1 if int(manifest.get("version", 1)) == 1 else _columns_v2
-    return Features(out, manifest, build(out, manifest, verify=verify, mmap=mmap))
+    try:
+        columns = build(out, manifest, verify=verify, mmap=mmap)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(f"{out / MANIFEST} is malformed ({type(err).__name__}: {err}): the file was edited or is corrupt") from None
+    return Features(out, manifest, columns)
 
 
 __all__ = ["load", "read_manifest", "Features", "Column", "TokenColumn", "Loader", "UnfinishedOutputError", "Chunk"]

@@ -319,6 +319,19 @@ def test_load_never_follows_a_crafted_manifest_or_a_link_outside(tmp_path, edit)
         np.asarray(load(out)["a"])
 
 
+def test_a_malformed_manifest_is_named(tmp_path):
+    out = _finished(tmp_path)
+    finalize(out, 10)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["chunks"][1]["arrays"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"{out / 'manifest.json'} is malformed"):
+        load(out)
+    (out / "manifest.json").write_text('{"format": "fxcapture.features", "vers')
+    with pytest.raises(ValueError, match=rf"{out / 'manifest.json'} is not valid JSON"):
+        load(out)
+
+
 def test_chunks_are_never_written_through_a_link(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "o").mkdir()
