@@ -45,8 +45,9 @@ def capture(
             ``out`` is ``None``.
         attention: ``"weights"`` rewrites fused attention
             (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) into its
-            explicit form so that the probabilities can be captured (see
-            :mod:`fxcapture.attention`). Default: keep the fused kernels.
+            explicit form so that the probabilities can be captured as ``attn_probs``
+            (see :mod:`fxcapture.core.attention`). A selector (or edit) naming
+            ``attn_probs`` turns it on by itself; otherwise the fused kernels stay.
         edit: ``{selector: fn(value, key) -> new value}``: everything downstream of
             the selected values uses what ``fn`` returns (see :mod:`fxcapture.edit`).
         fallback: ``"auto"``: what no tracer can follow runs eagerly and its values
