@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import signal
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 
 import hf_models  # noqa: E402
 import timm_models as tm  # noqa: E402
+import torchvision_models as tv  # noqa: E402
 import zoo_checker as zc  # noqa: E402
 
 ZOOS = ("timm", "transformers", "torchvision")
@@ -70,6 +72,8 @@ def failure_class(row: dict) -> str:
     if row["status"] == "pass":
         return "-"
     reason = row["reason"]
+    if "TimeoutError" in reason:
+        return "timeout (the report's per-model limit)"
     if "mismatches, first:" not in reason and ": " in reason and "timm cannot run" not in reason:
         stage, _, rest = reason.partition(": ")
         return f"{stage.split(' (')[0]} crash ({rest.split(':')[0]})"
@@ -78,7 +82,7 @@ def failure_class(row: dict) -> str:
 
 def models_of(zoo: str) -> list[str]:
     if zoo == "torchvision":
-        return zc.torchvision_models()
+        return tv.torchvision_models()
     if zoo == "timm":
         return tm.sample_names()
     return list(hf_models.CONFIGS)
@@ -93,15 +97,23 @@ def _check(zoo: str, name: str) -> zc.Result:
         except Exception as err:  # noqa: BLE001 - timm's own failure: listed as skipped
             return zc.Result(name=name, status="skipped", reason=zc._first_line(err))
         return tm.check_timm(model, x, name)
-    return zc.check_model(*zc.build_torchvision(name), name=name)
+    return zc.check_model(*tv.build_torchvision(name), name=name)
+
+
+def _timeout(signum, frame):
+    raise TimeoutError(f"over the report's limit of {run_one.limit} s per model")
 
 
 def run_one(zoo: str, name: str) -> dict:
     start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(run_one.limit)
     try:
         result = _check(zoo, name)
     except Exception as err:  # noqa: BLE001 - a model that does not even build is listed
         result = zc.Result(name=name, reason=f"build: {zc._first_line(err)}")
+    finally:
+        signal.alarm(0)
     gc.collect()
     row = dataclasses.asdict(result)
     row["zoo"] = zoo
@@ -116,7 +128,7 @@ def _cell(text: str) -> str:
 
 CHECKS = {
     "timm": "eval output `torch.equal` to `model(x)`; the modules of `model.feature_info` equal "
-            "to forward hooks; 3 SGD steps (batches 2, 3, 2) of the extractor beside an eager deep "
+            "to forward hooks; 3 SGD steps (batch 2, new data each step) of the extractor beside an eager deep "
             "copy with the same data and seeds: outputs, features, every gradient and buffer equal "
             "at each step. Tracer: eval / train.",
     "transformers": "small configs (2 layers, hidden 32), eager and sdpa attention; 10 calls at "
@@ -148,10 +160,10 @@ def _counts(rows: list[dict]) -> str:
     status = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "skipped")}
     used = ", ".join(f"{n} {t}" for t, n in sorted(tracers.items(), key=lambda kv: -kv[1]))
     return (f"{len(rows)} models: {status['pass']} pass, {status['fail']} fail, "
-            f"{status['skipped']} skipped by timm itself (tracers: {used or '-'})")  # fmt: skip
+            f"{status['skipped']} skipped (timm itself cannot run them) (tracers: {used or '-'})")  # fmt: skip
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], not_run: list[str] = ()) -> str:
     lines = [
         "# Zoo conformance report",
         "",
@@ -168,6 +180,9 @@ def render(rows: list[dict]) -> str:
         *_summary(rows),
         "",
     ]
+    if not_run:
+        lines += [f"Not run yet ({len(not_run)}; rerun the script to add them): "
+                  + ", ".join(f"`{k}`" for k in not_run), ""]  # fmt: skip
     for zoo in ZOOS:
         part = [r for r in rows if r["zoo"] == zoo]
         if not part:
@@ -202,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON results; the first is written, all are read (default "
                              "/tmp/fxcapture_zoo_results.json)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
+    parser.add_argument("--reverse", action="store_true",
+                        help="walk the models backwards, re-reading the other caches before each "
+                             "one (a helper process for a run already under way)")  # fmt: skip
     parser.add_argument("--render-only", action="store_true", help="write the report from the caches")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=300, help="seconds per model (then: fail)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo_report.md"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)  # tiny inputs: threads mostly contend
+    run_one.limit = args.limit
 
     paths = [Path(p) for p in args.cache or ["/tmp/fxcapture_zoo_results.json"]]
     cache: dict[str, dict] = {}
@@ -218,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     only = {n for n in args.only.split(",") if n}
     k, n = (int(v) for v in args.part.split("/"))
     for zoo in [] if args.render_only else args.zoo or ZOOS:
-        for i, name in enumerate(models_of(zoo)):
+        names = list(enumerate(models_of(zoo)))
+        for i, name in reversed(names) if args.reverse else names:
             key = f"{zoo}:{name}"
+            if args.reverse:
+                for path in paths[1:]:
+                    cache.update(json.loads(path.read_text()) if path.exists() else {})
             if (only and name not in only) or i % n != k - 1 or (key in cache and not only):
                 continue
             row = run_one(zoo, name)
@@ -227,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             paths[0].write_text(json.dumps(written, indent=1))
             print(f"{key:45s} {row['status']:8s} {row['tracer']:22s} {row['total_seconds']:6.1f}s "
                   f"{row['reason'][:100]}", flush=True)  # fmt: skip
-    rows = [cache[k] for zoo in ZOOS for k in (f"{zoo}:{m}" for m in models_of(zoo)) if k in cache]
+    keys = [f"{zoo}:{m}" for zoo in args.zoo or ZOOS for m in models_of(zoo)]
+    rows = [cache[k] for k in keys if k in cache]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows))
+    out.write_text(render(rows, [k for k in keys if k not in cache]))
     print(f"wrote {out} ({len(rows)} models)")
     return 0
 
