@@ -7,8 +7,11 @@ rounds, see ``common.py``):
 - timm vit_small_patch16_224 with ``fused_attn=False``, all 12 attention maps (large
   features: any method must keep them alive, so the fair reference is forward hooks
   that keep exactly the same tensors, column ``x hooks``);
-- GPT-2 (small config, random weights) through ``capture(..., fallback="auto")`` when
-  fxcapture has it: the run-time fallback's overhead (issue 4: target <= 1.10).
+- GPT-2 (random weights) through the running tracer (issue 14): a tiny config (2 layers, 64
+  wide, sequence 16, batch 1 and ``--batch-size``) and the 124M config (sequence 128, batch
+  1), capturing the blocks' outputs (sdpa) or every ``attn_weights`` (eager attention), next
+  to forward hooks and ``output_attentions=True``; then ``torch.compile(ex)`` vs
+  ``torch.compile(model)`` (targets: eager <= 1.02, tiny <= 1.05, compiled <= 1.03).
 
 Usage::
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,7 +57,6 @@ from benchmarks.common import (  # noqa: E402
 HEADERS = ["model", "captured", "method", "build s", "median ms", "best ms", "x plain", "x hooks", "same values"]
 METHODS = ["plain", "fxcapture", "torchvision", "hooks"]
 FX_TARGET = 1.02  # issue 3: fxcapture / plain forward
-FALLBACK_TARGET = 1.10  # issue 4: fallback / plain forward on GPT-2
 
 
 def build_contenders(wl: Workload, build_repeats: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -133,107 +134,173 @@ def measure_workload(wl: Workload, device: torch.device, args: argparse.Namespac
     wl.to(torch.device("cpu"))
 
 
-# -- GPT-2 through the run-time fallback (issue 4) -------------------------------------
-def fallback_available() -> bool:
-    from fxcapture import capture
+# -- GPT-2 through the running tracer (issue 14) ---------------------------------------
+TINY = dict(n_layer=2, n_embd=64, n_head=2)  # where a per-call cost shows most
+GPT2_TARGETS = {"tiny": 1.05, "124M": 1.02}  # issue 14: fxcapture / plain forward, eager
+COMPILED_TARGET = 1.03  # issue 14: compiled fxcapture / compiled model
+GPT2_HEADERS = ["model", "attention", "captured", "method", "build s", "median ms", "best ms",
+                "x plain", "x reference", "same values"]  # fmt: skip
+COMPILED_GPT2_HEADERS = ["model", "captured", "method", "compile s", "graphs", "graphs later",
+                         "median ms", "best ms", "x compiled plain", "close to eager"]  # fmt: skip
 
-    return "fallback" in inspect.signature(capture).parameters
+
+def gpt2_cases(quick: bool, batch_size: int) -> list[tuple[str, dict, int, int]]:
+    """(size name, config overrides, sequence, batch): tiny at batch 1 and 8, 124M at batch 1."""
+    if quick:
+        return [("tiny", TINY, 16, 1), ("tiny", TINY, 16, batch_size)]
+    return [("tiny", TINY, 16, 1), ("tiny", TINY, 16, batch_size), ("124M", {}, 128, 1)]
 
 
-def gpt2_model(quick: bool) -> torch.nn.Module:
-    """GPT-2 small (124M, random weights), eager attention; 2 tiny layers with ``quick``."""
+def gpt2_model(sizes: dict, attention: str) -> torch.nn.Module:
+    """GPT-2 (``GPT2Config(**sizes)``, random weights, seed 0: equal weights whatever the attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    sizes = dict(n_layer=2, n_embd=64, n_head=2, n_positions=64) if quick else {}
-    config = GPT2Config(**sizes)
-    config._attn_implementation = "eager"
-    try:
-        model = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
-    except (AttributeError, TypeError):
-        model = GPT2LMHeadModel(config)
-    return model.eval()
+    return GPT2LMHeadModel._from_config(GPT2Config(**sizes), attn_implementation=attention).eval()
 
 
-def measure_fallback(device: torch.device, args: argparse.Namespace) -> Table:
-    headers = ["model", "captured", "method", "build s", "first call s", "median ms", "best ms", "x plain", "x reference", "same values"]
-    table = Table(f"GPT-2 through the run-time fallback ({device.type})", headers)
-    if not fallback_available():
-        table.add("gpt2", "-", "n/a: fallback not available", *["n/a"] * 7)
-        table.notes.append("capture() has no `fallback=` parameter yet (issue 4)")
-        return table
-    try:
-        _measure_fallback(device, args, table)
-    except Exception as err:  # a benchmark reports what broke instead of hiding the other tables
-        reason = (str(err).splitlines() or [""])[0][:120]
-        table.add("gpt2", "-", f"n/a: {type(err).__name__}: {reason}", *["n/a"] * 7)
-    return table
+def case_name(size: str, seq: int, batch: int) -> str:
+    return f"gpt2 {size} (seq {seq}, batch {batch})"
 
 
-def _measure_fallback(device: torch.device, args: argparse.Namespace, table: Table) -> None:
+def measure_gpt2(device: torch.device, args: argparse.Namespace) -> list[Table]:
+    """The eager table and the compiled table, every case built and measured side by side."""
+    eager = Table(f"GPT-2 through the running tracer ({device.type})", GPT2_HEADERS)
+    compiled = Table(f"GPT-2 compiled ({args.backend}): torch.compile(ex) vs torch.compile(model) "
+                     f"({device.type})", COMPILED_GPT2_HEADERS)  # fmt: skip
+    for size, sizes, seq, batch in gpt2_cases(args.quick, args.batch_size):
+        name = case_name(size, seq, batch)
+        try:
+            built = _measure_gpt2_eager(name, size, sizes, seq, batch, device, args, eager)
+            if batch == 1:  # compiling is minutes on CPU: one batch size per model size
+                _measure_gpt2_compiled(name, size, built, device, args, compiled)
+        except Exception as err:  # a benchmark reports what broke instead of hiding the other tables
+            reason = (str(err).splitlines() or [""])[0][:120]
+            eager.add(name, "-", "-", f"n/a: {type(err).__name__}: {reason}", *["n/a"] * 6)
+    eager.notes.insert(0, (
+        "capture(model, names, example_inputs=(ids,)) traces by running (torch.export, non-strict) at "
+        "build; build s includes that trace. Called as users do: model(ids), cache on (use_cache "
+        "default); x reference: blocks vs forward hooks keeping the same tensors (on a copy), "
+        "attn_weights vs the model's own output_attentions=True; same values: exactly equal"
+    ))  # fmt: skip
+    compiled.notes.insert(0, (
+        f"backend {args.backend}; fxcapture compiled with fullgraph=True; graphs: dynamo graphs made "
+        "by the first call, graphs later: made during warm-up and timing (recompiles); close to "
+        "eager: allclose(atol 1e-4) to the eager model's logits and hooks' block outputs. Called with "
+        "use_cache=False: with the cache on, the graph returns a DynamicCache whose pytree unflatten "
+        "(transformers' exporter_dynamo._path_to_class) calls importlib.import_module, which dynamo "
+        "refuses under fullgraph=True (Unsupported: function marked as skipped)"
+    ))  # fmt: skip
+    return [eager, compiled]
+
+
+def _measure_gpt2_eager(name: str, size: str, sizes: dict, seq: int, batch: int, device: torch.device,
+                        args: argparse.Namespace, table: Table) -> dict[str, Any]:  # fmt: skip
     from fxcapture import capture
 
-    model = gpt2_model(args.quick).to(device)
-    seq = 16 if args.quick else 128
-    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, seq), device=device)
-    layers = [f"transformer.h.{i}" for i in range(model.config.n_layer)]
-    progress(f"gpt2 on {device}: building")
-    builds = time_builds(
-        {
-            "attn_weights": lambda: capture(model, ["attn_weights"], fallback="auto"),
-            "blocks": lambda: capture(model, layers, fallback="auto"),
-        },
-        repeats=2,
-    )
-    ex_attn, ex_blocks = builds["attn_weights"][1], builds["blocks"][1]
-    hooks = HookCapture(model, layers)
+    sdpa, eager = gpt2_model(sizes, "sdpa").to(device), gpt2_model(sizes, "eager").to(device)
+    ids = torch.randint(0, sdpa.config.vocab_size, (batch, seq), device=device)
+    n = sdpa.config.n_layer
+    layers = [f"transformer.h.{i}" for i in range(n)]
+    progress(f"{name} on {device}: tracing (running)")
+    build_blocks, ex_blocks = time_call(lambda: capture(sdpa, layers, example_inputs=(ids,)))
+    build_attn, ex_attn = time_call(lambda: capture(eager, ["attn_weights"], example_inputs=(ids,)))
+    hooks = HookCapture(sdpa, layers)
     with torch.no_grad():
-        plain = model(ids).logits
-        # the fallback discovers run-time names on its first call: time it apart
-        first = {"fxcapture attn_weights": time_call(lambda: ex_attn(ids), device)}
-        out, attn = first["fxcapture attn_weights"][1]
-        ref = model(ids, output_attentions=True)
-        attn_ok = torch.equal(out.logits, plain) and all(
-            torch.allclose(a, b, atol=1e-6) for a, b in zip(attn.values(), ref.attentions)
-        ) and len(attn) == len(ref.attentions)
-        first["fxcapture blocks"] = time_call(lambda: ex_blocks(ids), device)
-        out_b, blocks = first["fxcapture blocks"][1]
-        _, hook_blocks = hooks(ids)
-        blocks_ok = torch.equal(out_b.logits, plain) and same_values(blocks.values(), hook_blocks.values())
-        first_s = {method: seconds for method, (seconds, _) in first.items()}
-        del first, out, attn, ref, out_b, blocks, hook_blocks  # not kept alive while timing
+        ok = _gpt2_values(sdpa, eager, ex_blocks, ex_attn, hooks, ids)
         contenders = {
-            "plain": lambda: model(ids),
-            "fxcapture attn_weights": lambda: ex_attn(ids),
-            "output_attentions=True": lambda: model(ids, output_attentions=True),
+            "plain": lambda: sdpa(ids),
             "fxcapture blocks": lambda: ex_blocks(ids),
             "hooks blocks": lambda: hooks(ids),
+            "plain (eager attention)": lambda: eager(ids),
+            "fxcapture attn_weights": lambda: ex_attn(ids),
+            "output_attentions=True": lambda: eager(ids, output_attentions=True),
         }
-        progress(f"gpt2 on {device}: timing {args.rounds} rounds")
+        progress(f"{name} on {device}: timing {args.rounds} rounds")
         t = time_interleaved(contenders, args.rounds, iters=args.iters, device=device)
     hooks.remove()
-    name = f"gpt2 ({model.config.n_layer} layers, seq {seq})"
-    n = model.config.n_layer
-    rows = [
-        ("-", "plain", None, None, True),
-        (f"{n} attn_weights", "fxcapture attn_weights", builds["attn_weights"][0], "output_attentions=True", attn_ok),
-        (f"{n} attn_weights", "output_attentions=True", None, "output_attentions=True", True),
-        (f"{n} blocks", "fxcapture blocks", builds["blocks"][0], "hooks blocks", blocks_ok),
-        (f"{n} blocks", "hooks blocks", None, "hooks blocks", True),
+    plain_of = {"sdpa": "plain", "eager": "plain (eager attention)"}
+    rows = [  # attention, captured, method, build s, reference
+        ("sdpa", "-", "plain", None, None),
+        ("sdpa", f"{n} blocks", "fxcapture blocks", build_blocks, "hooks blocks"),
+        ("sdpa", f"{n} blocks", "hooks blocks", None, "hooks blocks"),
+        ("eager", "-", "plain (eager attention)", None, None),
+        ("eager", f"{n} attn_weights", "fxcapture attn_weights", build_attn, "output_attentions=True"),
+        ("eager", f"{n} attn_weights", "output_attentions=True", None, "output_attentions=True"),
     ]
-    for captured, method, build, reference, ok in rows:
+    for attention, captured, method, build, reference in rows:
         table.add(
-            name, captured, method, fmt_s(build), fmt_s(first_s.get(method)),
-            fmt_ms(t[method].median), fmt_ms(t[method].best),
-            fmt_ratio(ratio(t, method, "plain")), fmt_ratio(ratio(t, method, reference) if reference else None),
-            "yes" if ok else "NO",
+            name, attention, captured, method, fmt_s(build), fmt_ms(t[method].median), fmt_ms(t[method].best),
+            fmt_ratio(ratio(t, method, plain_of[attention])),
+            fmt_ratio(ratio(t, method, reference) if reference else None), "yes" if ok.get(method, True) else "NO",
         )  # fmt: skip
-    worst = max(ratio(t, "fxcapture attn_weights", "plain"), ratio(t, "fxcapture blocks", "plain"))
+    worst = max(ratio(t, "fxcapture blocks", "plain"), ratio(t, "fxcapture attn_weights", "plain (eager attention)"))
+    target = GPT2_TARGETS[size]
     table.notes.append(
-        f"fallback x plain at most {worst:.3f} (target <= {FALLBACK_TARGET}: "
-        f"{'met' if worst <= FALLBACK_TARGET else 'not met'}); reference for attn_weights: the model's "
-        "own output_attentions=True (keeps the same tensors), for blocks: forward hooks"
+        f"{name}: tracer {ex_blocks.tracer}/{ex_attn.tracer}; fxcapture x plain at most {worst:.3f} "
+        f"(target <= {target}: {'met' if worst <= target else 'not met'}); blocks x hooks "
+        f"{ratio(t, 'fxcapture blocks', 'hooks blocks'):.3f}, attn_weights x output_attentions "
+        f"{ratio(t, 'fxcapture attn_weights', 'output_attentions=True'):.3f}"
     )
+    return {"model": sdpa, "ex": ex_blocks, "ids": ids, "layers": layers}
+
+
+def _gpt2_values(sdpa: Any, eager: Any, ex_blocks: Any, ex_attn: Any, hooks: HookCapture, ids: Any) -> dict[str, bool]:
+    """Every captured value equal to the eager model's own (hooks, output_attentions), twice."""
+    ok = {"fxcapture blocks": True, "fxcapture attn_weights": True}
+    for _ in range(2):
+        plain = sdpa(ids).logits
+        out, blocks = ex_blocks(ids)
+        hook_out, hook_blocks = hooks(ids)
+        ok["fxcapture blocks"] &= torch.equal(out.logits, plain) and torch.equal(hook_out.logits, plain) and \
+            list(blocks) == [f"{p}" for p in hooks.paths] and same_values(blocks.values(), hook_blocks.values())
+        ref = eager(ids, output_attentions=True)
+        out, attn = ex_attn(ids)
+        ok["fxcapture attn_weights"] &= torch.equal(out.logits, ref.logits) and \
+            same_values(attn.values(), ref.attentions)  # fmt: skip
+    return ok
+
+
+def _measure_gpt2_compiled(name: str, size: str, built: dict[str, Any], device: torch.device,
+                           args: argparse.Namespace, table: Table) -> None:  # fmt: skip
+    from torch._dynamo.utils import counters
+
+    from fxcapture import capture
+
+    model, ids, layers = built["model"], built["ids"], built["layers"]
+    call = {"input_ids": ids, "use_cache": False}  # see the note: the cache object breaks fullgraph
+    progress(f"{name} on {device}: tracing (running) without the cache")
+    ex = capture(model, layers, example_inputs=call)
+    torch._dynamo.reset()
+    graphs = lambda: int(counters["stats"]["unique_graphs"])  # noqa: E731
+    with torch.no_grad():
+        eager_out = model(**call).logits
+        hooks = HookCapture(model, layers)
+        _, hook_blocks = hooks(**call)
+        hooks.remove()
+        calls = {"compiled model": torch.compile(model, backend=args.backend),
+                 "compiled fxcapture": torch.compile(ex, backend=args.backend, fullgraph=True)}  # fmt: skip
+        first: dict[str, tuple[float, int, bool]] = {}
+        for method, fn in calls.items():
+            progress(f"{name} on {device}: compiling {method} ({args.backend})")
+            before = graphs()
+            seconds, result = time_call(lambda: fn(**call), device)
+            logits, feats = (result[0].logits, result[1]) if isinstance(result, tuple) else (result.logits, None)
+            close = torch.allclose(logits, eager_out, atol=1e-4) and (
+                feats is None or all(torch.allclose(a, b, atol=1e-4) for a, b in zip(feats.values(), hook_blocks.values())))
+            first[method] = (seconds, graphs() - before, close)
+        before = graphs()
+        progress(f"{name} on {device}: timing compiled, {args.rounds} rounds")
+        t = time_interleaved({m: (lambda f=f: f(**call)) for m, f in calls.items()}, args.rounds,
+                             iters=args.iters, device=device)  # fmt: skip
+        later = graphs() - before
+    for method, captured in (("compiled model", "-"), ("compiled fxcapture", f"{len(layers)} blocks")):
+        seconds, n_graphs, close = first[method]
+        table.add(name, captured, method, fmt_s(seconds), n_graphs, later, fmt_ms(t[method].median),
+                  fmt_ms(t[method].best), fmt_ratio(ratio(t, method, "compiled model")), "yes" if close else "NO")  # fmt: skip
+    r = ratio(t, "compiled fxcapture", "compiled model")
+    table.notes.append(f"{name}: compiled fxcapture x compiled model {r:.3f} (target <= {COMPILED_TARGET}: "
+                       f"{'met' if r <= COMPILED_TARGET else 'not met'})")  # fmt: skip
 
 
 # -- main ------------------------------------------------------------------------------
@@ -242,7 +309,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_common_arguments(parser, batch_size=8, rounds=15)
     parser.add_argument("--models", default="resnet50,vit,gpt2",
                         help="comma-separated subset of resnet50, vit, gpt2 (default: all)")  # fmt: skip
+    parser.add_argument("--backend", default=None,
+                        help="torch.compile backend of the GPT-2 compiled table (default inductor, eager with --quick)")  # fmt: skip
     args = finish_arguments(parser.parse_args(argv))
+    args.backend = args.backend or ("eager" if args.quick else "inductor")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(WORKLOADS) - {"gpt2"}
     if unknown:
@@ -264,11 +334,10 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         for name in args.models:
             if name in WORKLOADS:
                 measure_workload(WORKLOADS[name](args.batch_size, args.quick), device, args, table)
-        tables.append(table)
-        if "gpt2" in args.models:
-            tables.append(measure_fallback(device, args))
+        gpt2 = measure_gpt2(device, args) if "gpt2" in args.models else []
+        tables += [table] + gpt2
         sections.append(header_line(args, device))  # after the run: names the libraries it loaded
-        sections += tables[-2:] if "gpt2" in args.models else tables[-1:]
+        sections += [table] + gpt2
     report("overhead", sections, args.save)
     return tables
 

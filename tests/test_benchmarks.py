@@ -87,8 +87,10 @@ def test_overhead_quick(tmp_path, monkeypatch, capsys):
         assert column(table, rows, "same values") == ["yes"] * 4
         assert column(table, rows, "x plain")[0] == "1.000"
         float(column(table, rows, "build s")[1])  # fxcapture's build was timed: a number
-    gpt2 = tables[1]
-    assert column(gpt2, gpt2.rows, "same values") == ["yes"] * 5
+    gpt2, gpt2_compiled = tables[1], tables[2]
+    assert column(gpt2, gpt2.rows, "same values") == ["yes"] * 12  # 2 cases x 6 methods
+    assert column(gpt2_compiled, gpt2_compiled.rows, "graphs") == ["1", "1"]  # fullgraph, no break
+    assert column(gpt2_compiled, gpt2_compiled.rows, "close to eager") == ["yes", "yes"]
     printed = capsys.readouterr().out
     assert "| model" in printed and "threads 1, batch 2" in printed
     assert "resnet50" in (tmp_path / "overhead.md").read_text()
