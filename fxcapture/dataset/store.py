@@ -47,7 +47,9 @@ class _Part:
     def open(self, verify: bool, mmap: bool) -> np.ndarray:
         size = regular_file(self.path).st_size
         if "bytes" in self.entry and size != self.entry["bytes"]:
-            raise ValueError(f"{self.path} has {size} bytes, the manifest says {self.entry['bytes']}: the file is corrupt")
+            raise ValueError(
+                f"{self.path} has {size} bytes, the manifest says {self.entry['bytes']}: the file is corrupt"
+            )
         try:
             array = np.load(self.path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (ValueError, OSError) as err:
@@ -64,7 +66,10 @@ class _Part:
                 while block := f.read(1 << 22):
                     crc = crc32(block, crc)
             if crc != self.entry["crc32"]:
-                raise ValueError(f"{self.path} fails its checksum (CRC-32 {crc:#x}, written {self.entry['crc32']:#x}): the file is corrupt")
+                raise ValueError(
+                    f"{self.path} fails its checksum (CRC-32 {crc:#x}, written {self.entry['crc32']:#x}): "
+                    "the file is corrupt"
+                )
         return array
 
 
@@ -102,7 +107,8 @@ class Column:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.key!r}, shape={self.shape}, dtype={self.stored_dtype}, chunks={len(self.parts)})"
+        name = type(self).__name__
+        return f"{name}({self.key!r}, shape={self.shape}, dtype={self.stored_dtype}, chunks={len(self.parts)})"
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
@@ -173,7 +179,9 @@ class Column:
                 raise IndexError(f"a boolean index over {self.key!r} needs shape ({len(self)},), got {index.shape}")
             index = np.flatnonzero(index)
         if index.dtype.kind not in "iu":
-            raise IndexError(f"rows of {self.key!r} are indexed by integers, slices or a boolean mask, got {index.dtype}")
+            raise IndexError(
+                f"rows of {self.key!r} are indexed by integers, slices or a boolean mask, got {index.dtype}"
+            )
         flat = index.reshape(-1).astype(np.int64)
         if flat.size and (flat.min() < -len(self) or flat.max() >= len(self)):
             raise IndexError(f"an index is out of range for {self.key!r} with {len(self)} rows")
@@ -187,9 +195,12 @@ class Column:
 
     def blocks(self, max_bytes: int = _BLOCK_BYTES) -> list[tuple[int, int]]:
         """Row ranges, each within one chunk and at most ``max_bytes``: sequential reads."""
-        row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.parts[0].stored).itemsize) if self.parts else 1
+        if not self.parts:
+            return []
+        row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.parts[0].stored.itemsize)
         step = max(1, max_bytes // row_bytes)
-        return [(a, min(a + step, p.start + p.rows)) for p in self.parts for a in range(p.start, p.start + p.rows, step)]
+        return [(a, min(a + step, p.start + p.rows)) for p in self.parts
+                for a in range(p.start, p.start + p.rows, step)]  # fmt: skip
 
     def verify(self) -> None:
         """Open and check every chunk (sizes, headers, checksums); raises naming the bad file."""
@@ -371,7 +382,8 @@ def _columns_v2(out: Path, manifest: dict[str, Any], **kw: Any) -> dict[str, Col
                 off = entry["offsets"]
                 plain_name(off.get("file"), f"the offsets of {key!r}", out / MANIFEST)
                 rows = chunk["rows"][1] - chunk["rows"][0] + 1
-                offsets[key].append(_Part(out / CHUNKS / name / off["file"], 0, rows, {**off, "shape": [rows]}, np.dtype(np.int64)))
+                path = out / CHUNKS / name / off["file"]
+                offsets[key].append(_Part(path, 0, rows, {**off, "shape": [rows]}, np.dtype(np.int64)))
     if row != manifest["rows"]:
         raise ValueError(f"{out / MANIFEST}: its chunks hold {row} rows, it says {manifest['rows']}")
     cols: dict[str, Column] = {}
@@ -404,7 +416,9 @@ def load(out: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> F
     try:
         columns = build(out, manifest, verify=verify, mmap=mmap)
     except (KeyError, TypeError, IndexError, AttributeError) as err:
-        raise ValueError(f"{out / MANIFEST} is malformed ({type(err).__name__}: {err}): the file was edited or is corrupt") from None
+        raise ValueError(
+            f"{out / MANIFEST} is malformed ({type(err).__name__}: {err}): the file was edited or is corrupt"
+        ) from None
     return Features(out, manifest, columns)
 
 
