@@ -159,7 +159,10 @@ class Extractor(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         model = self._model
-        if model._forward_pre_hooks:
+        # fx calls the root's forward itself: its hooks are ours to run (a running trace
+        # and the eager model go through nn.Module.__call__, which runs them)
+        root_hooks = self._program is not None and self._program.tracer == "symbolic"
+        if root_hooks and model._forward_pre_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
         program = self._program
         if program is None:  # traced by running, per guard set
@@ -179,7 +182,7 @@ class Extractor(torch.nn.Module):
             with runtime.session() as session:
                 out, feats = program.module(*args, **kwargs)
             feats.update(runtime.collect(session))
-        if model._forward_hooks:
+        if root_hooks and model._forward_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats
 

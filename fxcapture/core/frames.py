@@ -75,6 +75,12 @@ class FrameFilter:
         return not path.startswith(_STDLIB_DIRS)
 
 
+def is_library_file(filename: str) -> bool:
+    """Is ``filename`` part of torch, the standard library or an installed package?"""
+    path = os.path.abspath(filename)
+    return path.startswith(_TORCH_DIR) or path.startswith(_SITE_DIRS) or path.startswith(_STDLIB_DIRS)
+
+
 def chain_profile(handler: Callable, previous: Any) -> Callable:
     """A profile function calling ``handler`` then a Python profile function that was
     active (a C-level profiler such as cProfile cannot be chained on Python 3.11)."""

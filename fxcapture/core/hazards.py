@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .frames import is_library_file
+
 # code objects whose call during a symbolic trace means the graph would differ
 HAZARD_CODES: dict[Any, str] = {
     torch.no_grad.__enter__.__code__: "torch.no_grad()",
@@ -59,13 +61,29 @@ _GLOBAL_HOOK_DICTS = (
 )
 
 
+def _hook_code(hook: Any) -> Any:
+    hook = getattr(hook, "func", hook)  # functools.partial
+    hook = getattr(hook, "__func__", hook)  # a bound method
+    code = getattr(hook, "__code__", None)
+    return code if code is not None else getattr(getattr(hook, "__call__", None), "__code__", None)
+
+
+def is_user_hook(hook: Any) -> bool:
+    """A hook written by the user, not one a library installs for itself (transformers
+    keeps output-capturing hooks on its modules; they act only when it asks them to)."""
+    code = _hook_code(hook)
+    return code is None or not is_library_file(code.co_filename)
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
-    """Does the module have forward, pre-forward or backward hooks of its own?"""
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    """Does the module have forward, pre-forward or backward hooks written by the user?"""
+    return any(
+        is_user_hook(hook) for name in _HOOK_DICTS for hook in getattr(module, name, {}).values()
+    )
 
 
 def hooked_modules(model: torch.nn.Module) -> list[str]:
-    """Paths of the submodules (not the root) that have hooks."""
+    """Paths of the submodules (not the root) that have user hooks."""
     return [path for path, m in model.named_modules() if path and has_hooks(m)]
 
 
