@@ -319,8 +319,9 @@ def measure_text(device: torch.device, args: argparse.Namespace) -> Table:
         progress(f"{device}: text, timing {args.rounds} interleaved rounds of {tokens} tokens")
         timings = time_interleaved(contenders, args.rounds, warmup=1, device=device)
         for method, t in timings.items():
+            checked = "yes" if same or method == "bare forward" else "NO"
             table.add(method, f"{tokens / t.median:,.0f}", f"{tokens / t.best:,.0f}",
-                      fmt_ratio(1 / ratio(timings, method, "bare forward")), "yes" if same or method == "bare forward" else "NO")  # fmt: skip
+                      fmt_ratio(1 / ratio(timings, method, "bare forward")), checked)  # fmt: skip
         readers = {
             "read back, shuffled": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=True, seed=0)),
             "read back, in order": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=False)),
@@ -334,7 +335,8 @@ def measure_text(device: torch.device, args: argparse.Namespace) -> Table:
         row_bytes = len(names) * config.n_embd * 2
         table.notes.append(
             f"extract x bare {x_bare:.3f} tokens/s (target >= {TARGET}: {'met' if x_bare >= TARGET else 'not met'}); "
-            f"{tokens} real tokens a pass, {row_bytes} bytes stored per token ({len(names)} keys), plus ids and positions"
+            f"{tokens} real tokens a pass, {row_bytes} bytes stored per token ({len(names)} keys), "
+            "plus ids and positions"
         )
         table.notes.append(
             "read back: every token of one key once, as torch bfloat16 batches from the memory-mapped chunks "

@@ -116,8 +116,8 @@ def run(out: Path, args: argparse.Namespace) -> dict:
     column = feats[key]
     print(f"{column.samples} samples, {len(column)} tokens of {key} ({column.shape[1]} wide, bfloat16) in {out}")
     sae = train_autoencoder(feats, key, args)
-    print(f"sparse autoencoder: loss {sae['losses'][0]:.3f} -> {sae['losses'][-1]:.3f}, "
-          f"variance unexplained {sae['unexplained']:.1%}, {sae['active_features']:.1f} active features/token")  # fmt: skip
+    print(f"sparse autoencoder: loss {sae['losses'][0]:.3f} -> {sae['losses'][-1]:.3f}, variance unexplained "
+          f"{sae['unexplained']:.1%}, {sae['active_features']:.1f} active features/token")  # fmt: skip
     space = tokenizer.encode(" ")[0]
     probe = train_probe(feats, key, space, args)
     print(f"linear probe 'is a space': accuracy {probe['accuracy']:.1%} (majority class {probe['base_rate']:.1%})")

@@ -193,8 +193,8 @@ def load_weights(model: nn.Module, weights: str | Path) -> None:
     except RuntimeError as err:  # shapes that differ
         lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         raise ValueError(f"--weights {weights} does not fit this model: {'; '.join(lines[:3]) or err}") from err
-    problems = [f"{len(keys)} {what} keys ({_some(keys)})"
-                for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]  # fmt: skip
+    found = {"missing": result.missing_keys, "unexpected": result.unexpected_keys}
+    problems = [f"{len(keys)} {what} keys ({_some(keys)})" for what, keys in found.items() if keys]
     if problems:
         raise ValueError(f"--weights {weights} does not fit this model: {', '.join(problems)}")
 

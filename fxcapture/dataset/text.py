@@ -85,7 +85,7 @@ class ByteTokenizer:
             ids = [s[:max_length] for s in ids]
         if return_tensors is None and not padding:
             masks = [[1] * len(s) for s in ids]
-            return {"input_ids": ids[0], "attention_mask": masks[0]} if single else {"input_ids": ids, "attention_mask": masks}
+            return {"input_ids": ids[0] if single else ids, "attention_mask": masks[0] if single else masks}
         if return_tensors not in (None, "pt"):
             raise ValueError(f"ByteTokenizer returns torch tensors only (return_tensors='pt'), not {return_tensors!r}")
         width = max_length if padding == "max_length" else None
@@ -206,7 +206,9 @@ def _check_window(max_length: int | None, stride: int | None) -> None:
         if max_length is None:
             raise ValueError("stride cuts windows of max_length tokens: give max_length too")
         if not 1 <= stride <= max_length:
-            raise ValueError(f"stride must be between 1 and max_length ({max_length}) so no token is skipped, got {stride}")
+            raise ValueError(
+                f"stride must be between 1 and max_length ({max_length}) so no token is skipped, got {stride}"
+            )
 
 
 class TextDataset:

@@ -116,8 +116,8 @@ def save_bert_with_tokenizer(folder):
     backend = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
-                                     intermediate_size=128, vocab_size=len(vocab), max_position_embeddings=64)  # fmt: skip
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                     vocab_size=len(vocab), max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(1)
     model = transformers.BertModel(config).eval()
     model.save_pretrained(folder)
@@ -189,7 +189,8 @@ IMAGES = ["--model", "demo:vit", "--names", "blocks.0", "--data", "synthetic:2"]
         (["--model", "gpt2"], "bad model spec 'gpt2'"),
         (["--data", "synthetic-text:3"], "TinyViT is not a transformers language model"),
         (["--data", "corpus.csv"], "no such folder"),
-        (["--model", "hf-config:gpt2", "--config-overrides", GPT2, "--data", "missing.txt"], "'missing.txt': no such file"),
+        (["--model", "hf-config:gpt2", "--config-overrides", GPT2, "--data", "missing.txt"],
+         "'missing.txt': no such file"),
     ],
 )
 def test_errors(tmp_path, capsys, argv, message):
