@@ -159,6 +159,11 @@ def gpt2_model(sizes: dict, attention: str) -> torch.nn.Module:
     return GPT2LMHeadModel._from_config(GPT2Config(**sizes), attn_implementation=attention).eval()
 
 
+def gpt2_iters(size: str, args: argparse.Namespace) -> int:
+    """Calls per round: a tiny forward takes about a millisecond, 20 of them outlast timer noise."""
+    return args.iters * (20 if size == "tiny" and not args.quick else 1)
+
+
 def case_name(size: str, seq: int, batch: int) -> str:
     return f"gpt2 {size} (seq {seq}, batch {batch})"
 
@@ -169,6 +174,8 @@ def measure_gpt2(device: torch.device, args: argparse.Namespace) -> list[Table]:
     compiled = Table(f"GPT-2 compiled ({args.backend}): torch.compile(ex) vs torch.compile(model) "
                      f"({device.type})", COMPILED_GPT2_HEADERS)  # fmt: skip
     for size, sizes, seq, batch in gpt2_cases(args.quick, args.batch_size):
+        if size not in args.gpt2_sizes:
+            continue
         name = case_name(size, seq, batch)
         try:
             built = _measure_gpt2_eager(name, size, sizes, seq, batch, device, args, eager)
@@ -180,7 +187,7 @@ def measure_gpt2(device: torch.device, args: argparse.Namespace) -> list[Table]:
     eager.notes.insert(0, (
         "capture(model, names, example_inputs=(ids,)) traces by running (torch.export, non-strict) at "
         "build; build s includes that trace. Called as users do: model(ids), cache on (use_cache "
-        "default); x reference: blocks vs forward hooks keeping the same tensors (on a copy), "
+        "default); tiny rows: 20 calls per contender per round; x reference: blocks vs forward hooks keeping the same tensors (on a copy), "
         "attn_weights vs the model's own output_attentions=True; same values: exactly equal"
     ))  # fmt: skip
     compiled.notes.insert(0, (
@@ -217,7 +224,7 @@ def _measure_gpt2_eager(name: str, size: str, sizes: dict, seq: int, batch: int,
             "output_attentions=True": lambda: eager(ids, output_attentions=True),
         }
         progress(f"{name} on {device}: timing {args.rounds} rounds")
-        t = time_interleaved(contenders, args.rounds, iters=args.iters, device=device)
+        t = time_interleaved(contenders, args.rounds, iters=gpt2_iters(size, args), device=device)
     hooks.remove()
     plain_of = {"sdpa": "plain", "eager": "plain (eager attention)"}
     rows = [  # attention, captured, method, build s, reference
@@ -292,7 +299,7 @@ def _measure_gpt2_compiled(name: str, size: str, built: dict[str, Any], device: 
         before = graphs()
         progress(f"{name} on {device}: timing compiled, {args.rounds} rounds")
         t = time_interleaved({m: (lambda f=f: f(**call)) for m, f in calls.items()}, args.rounds,
-                             iters=args.iters, device=device)  # fmt: skip
+                             iters=gpt2_iters(size, args), device=device)  # fmt: skip
         later = graphs() - before
     for method, captured in (("compiled model", "-"), ("compiled fxcapture", f"{len(layers)} blocks")):
         seconds, n_graphs, close = first[method]
@@ -309,9 +316,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_common_arguments(parser, batch_size=8, rounds=15)
     parser.add_argument("--models", default="resnet50,vit,gpt2",
                         help="comma-separated subset of resnet50, vit, gpt2 (default: all)")  # fmt: skip
+    parser.add_argument("--gpt2-sizes", default="tiny,124M", help="GPT-2 sizes to measure (default tiny,124M)")
     parser.add_argument("--backend", default=None,
                         help="torch.compile backend of the GPT-2 compiled table (default inductor, eager with --quick)")  # fmt: skip
     args = finish_arguments(parser.parse_args(argv))
+    args.gpt2_sizes = args.gpt2_sizes.split(",")
     args.backend = args.backend or ("eager" if args.quick else "inductor")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(WORKLOADS) - {"gpt2"}
