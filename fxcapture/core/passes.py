@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
 
-from .aliasing import Aliasing
+from .aliasing import Aliasing, mutated_input
 from .._util.tree import map_nodes
 
 
@@ -64,8 +64,8 @@ def add_feature_outputs(
             values = {key: _graph_value(graph, value) for key, value in features.items()}
         output.args = ((original, values),)
         return
-    flat = list(output.args[0]) if keep_output else []
-    out_spec = info.out_spec if keep_output else pytree.tree_structure(None)
+    flat = list(output.args[0]) if keep_output else [None]  # one leaf: None
+    out_spec = info.out_spec if keep_output else pytree.tree_structure(0)
     feature_leaves, feature_spec = pytree.tree_flatten(
         dict(features), is_leaf=lambda v: isinstance(v, fx.Node)
     )
@@ -101,6 +101,20 @@ def substitute(value: Any, replacements: dict[fx.Node, fx.Node]) -> Any:
     return map_nodes(lambda v: replacements.get(v, v), value)
 
 
+def _needed_anyway(node: fx.Node, aliasing: Aliasing) -> bool:
+    """Inputs, outputs, side effects. An ATen op (a running trace) is needed when it
+    writes into the model's state or an input; its random ops (dropout), checks and
+    writes into dead tensors go with the values they would make."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):  # see core.aliasing
+        target = mutated_input(node, aliasing.modules)
+        return target is not None and target.op in ("get_attr", "placeholder")
+    return node.is_impure()
+
+
 def prune(graph: fx.Graph, aliasing: Aliasing) -> None:
     """Remove every node the outputs do not need.
 
@@ -118,9 +132,7 @@ def prune(graph: fx.Graph, aliasing: Aliasing) -> None:
                 stack.extend(n.all_input_nodes)
 
     for node in graph.nodes:
-        if node.op in ("placeholder", "output") or (
-            node.op == "call_function" and node.is_impure()
-        ):
+        if _needed_anyway(node, aliasing):
             keep(node)
     grew = True
     while grew:
