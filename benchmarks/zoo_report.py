@@ -101,6 +101,7 @@ def _check(zoo: str, name: str) -> zc.Result:
 
 
 def _timeout(signum, frame):
+    run_one.timed_out = True  # the engine may catch the error and fall back: flagged below
     raise TimeoutError(f"over the report's limit of {run_one.limit} s per model")
 
 
@@ -108,12 +109,15 @@ def run_one(zoo: str, name: str) -> dict:
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _timeout)
     signal.alarm(run_one.limit)
+    run_one.timed_out = False
     try:
         result = _check(zoo, name)
     except Exception as err:  # noqa: BLE001 - a model that does not even build is listed
         result = zc.Result(name=name, reason=f"build: {zc._first_line(err)}")
     finally:
         signal.alarm(0)
+    if run_one.timed_out and result.status != "fail":
+        result.status, result.reason = "fail", f"TimeoutError: over {run_one.limit} s (caught: {result.reason})"
     gc.collect()
     row = dataclasses.asdict(result)
     row["zoo"] = zoo

@@ -90,6 +90,8 @@ def feature_modules(model: nn.Module) -> list[str]:
     paths = []
     for info in getattr(model, "feature_info", []) or []:
         path = info["module"]
+        if not path:  # the model itself: its output is checked already
+            continue
         if path not in found and path.replace("_", ".") in found:
             path = path.replace("_", ".")
         if path in found and path not in paths:
