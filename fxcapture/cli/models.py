@@ -288,4 +288,14 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     return torch.randn(batch_size, *input_size(model))
 
 
+def example_call(model: nn.Module, batch_size: int = 2) -> Any:
+    """Example inputs for tracing by running: token ids for a language model (a
+    ``config.vocab_size``), an image batch otherwise (see ``capture(example_inputs=)``)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and not hasattr(model.config, "image_size"):
+        ids = torch.randint(0, vocab, (batch_size, 16), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return example_input(model, batch_size)
+
+
 # -- `fxcapture names MODEL` ------------------------------------------------------

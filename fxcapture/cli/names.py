@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.api import list_names
-from .models import build_model
+from .models import build_model, example_call
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -20,6 +20,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     model = build_model(args.model)
     table = list_names(model, args.pattern, kinds=args.kind or ("module", "local"), attention=args.attention,
-                       how_to_list=f"fxcapture names {args.model}")  # fmt: skip
+                       example_inputs=example_call(model), how_to_list=f"fxcapture names {args.model}")  # fmt: skip
     print(repr(table))
     return 0
