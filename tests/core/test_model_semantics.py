@@ -370,10 +370,11 @@ def test_threads_sharing_one_extractor_get_their_own_values():
     def work(seed: int) -> None:
         try:
             g = torch.Generator().manual_seed(seed)
+            reference = copy.deepcopy(model)  # hooks on the shared model would see both threads
             for _ in range(20):
                 x = torch.randn(2, 4, generator=g)
                 out, feats = ex(x, torch.tensor(2))
-                ref, seen = hook_values(model, ["step"], x, torch.tensor(2))
+                ref, seen = hook_values(reference, ["step"], x, torch.tensor(2))
                 assert torch.equal(out, ref)
                 assert sorted(k for k in feats if k.startswith("step")) == ["step@0", "step@1"]
                 assert torch.equal(feats["step@0"], seen["step"][0])
