@@ -250,6 +250,8 @@ def choose_trace(
         return None
     try:
         running, guard = trace_by_running(model, *example, attention=spec.attention)
+    except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
+        raise
     except Exception as err:
         if spec.fallback == "never":
             raise (failure or _trace_failure(model, None, err)) from err
