@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fxcapture import get_local
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-
-# blocks in sections other engineers own that are not complete programs yet: they fail
-# with strict xfail, so the mark must go once the block runs
-NOT_YET_RUNNABLE = {
-    "A whole dataset: `extract`": "needs an image folder and a GPU (device='cuda')",
-    "Coming from Visualizer / AnyCapture, TorchHook, or the training monitor": "a fragment (`...`)",
-}
-
 
 def readme_blocks() -> list[tuple[str, int, str]]:
     """(section, line, code) of every ```python block."""
@@ -36,10 +30,7 @@ def readme_blocks() -> list[tuple[str, int, str]]:
 
 def _params():
     for section, line, code in readme_blocks():
-        marks = []
-        if section in NOT_YET_RUNNABLE:
-            marks.append(pytest.mark.xfail(strict=True, reason=NOT_YET_RUNNABLE[section]))
-        yield pytest.param(code, line, id=f"line{line}-{section[:30]}", marks=marks)
+        yield pytest.param(code, line, id=f"line{line}-{section[:30]}")
 
 
 def test_readme_has_python_blocks():
@@ -50,4 +41,8 @@ def test_readme_has_python_blocks():
 def test_readme_block_runs(code, line, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write files (save="grid.png") write here
     torch.manual_seed(0)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    finally:  # a block may switch the global get_local cache on
+        get_local.deactivate()
+        get_local.clear()
