@@ -204,11 +204,7 @@ def check_timm(model: nn.Module, x: torch.Tensor, name: str) -> zc.Result:
             stage = "train"
             problems, tracer = check_train_steps(model, paths, x.shape[-1], tol)
             result.tracer = f"{result.tracer} / {tracer}"
-        result.problems = problems
-        if problems:
-            result.reason = f"{len(problems)} mismatches, first: {problems[0]}"
-        else:
-            result.status = "pass"
+        zc.settle(result, problems)
     except Exception as err:  # noqa: BLE001 - the report lists every failure
         result.reason = f"{stage}: {zc._first_line(err)}"
         result.problems = [traceback.format_exc(limit=-4)]

@@ -367,11 +367,7 @@ def check_model(model: nn.Module, x: torch.Tensor, name: str = "", **capture_kwa
         stage = "train mode"
         problems += check_train(model, x, extractor, plan.children)
         result.tracer += f" / {check_train.tracer}"
-        result.problems = problems
-        if problems:
-            result.reason = f"{len(problems)} mismatches, first: {problems[0]}"
-        else:
-            result.status = "pass"
+        settle(result, problems)
     except Exception as err:  # noqa: BLE001 - the report lists every failure
         result.reason = f"{stage}: {_first_line(err)}"
         result.problems = [traceback.format_exc(limit=-3)]
@@ -379,6 +375,15 @@ def check_model(model: nn.Module, x: torch.Tensor, name: str = "", **capture_kwa
         model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def settle(result, problems: list) -> None:
+    """Record a model's mismatches on its row: pass when there are none."""
+    result.problems = problems
+    if problems:
+        result.reason = f"{len(problems)} mismatches, first: {problems[0]}"
+    else:
+        result.status = "pass"
 
 
 def assert_conforms(model, x, name: str) -> None:
