@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import threading
 import time
 from typing import Any
 
@@ -24,33 +25,55 @@ class NoProgress:
 
 
 class LogLines:
-    """One line on stderr at least every ``every`` seconds: rows, rows/s, ETA (when the total is known)."""
+    """One line on stderr at least every ``every`` seconds: rows, rows/s, ETA (when the total is known).
+
+    A daemon thread writes the line on a timer, so a slow batch (or a slow first call that
+    traces the model) still shows that the run is alive.
+    """
 
     def __init__(self, total: int | None, desc: str, every: float = 30.0) -> None:
         self.total, self.desc, self.every = total, desc, every
         self.rows = 0
         self.started = self.last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._timer: threading.Thread | None = None
+        if every > 0:
+            self._timer = threading.Thread(target=self._tick, name="fxcapture-progress", daemon=True)
+            self._timer.start()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(self.every / 4):
+            now = time.monotonic()
+            if now - self.last >= self.every:
+                self.line(now)
 
     def update(self, n: int) -> None:
-        self.rows += n
+        with self._lock:
+            self.rows += n
         now = time.monotonic()
         if now - self.last >= self.every:
-            self.last = now
             self.line(now)
 
     def line(self, now: float | None = None) -> None:
-        elapsed = max(1e-9, (now or time.monotonic()) - self.started)
-        rate = self.rows / elapsed
-        text = f"fxcapture {self.desc}: {self.rows}"
+        with self._lock:
+            now = now or time.monotonic()
+            self.last = now
+            rows = self.rows
+        rate = rows / max(1e-9, now - self.started)
+        text = f"fxcapture {self.desc}: {rows}"
         if self.total:
-            left = max(0, self.total - self.rows)
+            left = max(0, self.total - rows)
             eta = datetime.timedelta(seconds=round(left / rate)) if rate > 0 else "?"
-            text += f"/{self.total} rows ({100 * self.rows / self.total:.1f}%), {rate:.1f} rows/s, ETA {eta}"
+            text += f"/{self.total} rows ({100 * rows / self.total:.1f}%), {rate:.1f} rows/s, ETA {eta}"
         else:
             text += f" rows, {rate:.1f} rows/s"
         print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self._stopped.set()
+        if self._timer is not None:
+            self._timer.join()
         if self.rows and time.monotonic() - self.started >= self.every:
             self.line()  # a closing line for runs long enough to have logged
 
