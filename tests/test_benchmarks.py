@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, compiled, overhead, peers
+from benchmarks import common, compiled, extract, overhead, peers
 
 QUICK = ["--quick", "--rounds", "1", "--iters", "1", "--device", "cpu", "--threads", "1"]
 
@@ -94,6 +94,18 @@ def test_overhead_quick(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| model" in printed and "threads 1, batch 2" in printed
     assert "resnet50" in (tmp_path / "overhead.md").read_text()
+
+
+def test_extract_quick_text_tables():
+    throughput, memory = extract.main(QUICK + ["--text-only"])
+    rows = {row[0]: row for row in throughput.rows}
+    assert set(rows) >= {"bare forward", "extract (tokens, bfloat16)"}
+    assert column(throughput, throughput.rows, "same values")[:2] == ["yes", "yes"]  # store = hooks at real tokens
+    assert float(column(throughput, [rows["extract (tokens, bfloat16)"]], "x bare after batch 1")[0]) > 0
+    assert any(row[0].startswith("read back, shuffled") for row in throughput.rows)
+    assert column(memory, memory.rows, "method") == ["hooks", "extract"]
+    small, large = (int(v.replace(",", "")) for v in memory.rows[0][4].split(" / "))
+    assert large > 5 * small > 0  # the two sizes differ by about 10x in real tokens
 
 
 def test_compiled_quick():
