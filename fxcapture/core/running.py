@@ -42,6 +42,7 @@ from .attention import ExplicitAttentionMode
 from .frames import FrameFilter, chain_profile
 from .guards import InputGuard
 from .hazards import ModelSnapshot
+from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
 
@@ -287,12 +288,14 @@ def trace_by_running(
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         collector.install()
         try:
-            with warnings.catch_warnings():  # export's advice on attributes set in forward
+            # export's advice on attributes set in forward; its print of a failed partial graph
+            with warnings.catch_warnings(), hold_output() as held:
                 warnings.simplefilter("ignore", UserWarning)
                 exported = torch.export.export(
                     model, tuple(args), dict(kwargs), strict=False,
                     dynamic_shapes=dynamic_shapes(model, args, kwargs),
                 )  # fmt: skip
+                held.keep = True
         finally:
             collector.uninstall()
             snapshot.restore()  # caches and attributes forward set while exporting
