@@ -89,17 +89,3 @@ def test_token_probe_trains_on_the_stored_tokens(tmp_path):
     losses = result["sae"]["losses"]
     assert len(losses) == 30 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # it learns
     assert 0 <= result["probe"]["accuracy"] <= 1
-
-
-def test_text_benchmark_runs_at_tiny_sizes(capsys):
-    from benchmarks import extract as bench
-
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--quick", "--text-only", "--rounds", "1", "--device", "cpu", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "method" not in line]
-    assert rows[:2] == ["bare forward", "extract (tokens, bfloat16)"] and rows[2].startswith("read back, shuffled")
-    assert "| yes " in out and "| NO " not in out and "extract x bare" in out
