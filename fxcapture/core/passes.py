@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
 
-from .aliasing import Aliasing, mutated_input
 from .._util.tree import map_nodes
+from .aliasing import Aliasing, mutated_input
+from .pytrees import compilable_spec
 
 
 def protect_from_inplace(
@@ -65,7 +66,8 @@ def add_feature_outputs(
         output.args = ((original, values),)
         return
     flat = list(output.args[0]) if keep_output else [None]  # one leaf: None
-    out_spec = info.out_spec if keep_output else pytree.tree_structure(0)
+    # compilable: transformers' Cache nodes rebuilt without importing (see .pytrees)
+    out_spec = compilable_spec(info.out_spec) if keep_output else pytree.tree_structure(0)
     feature_leaves, feature_spec = pytree.tree_flatten(
         dict(features), is_leaf=lambda v: isinstance(v, fx.Node)
     )

@@ -116,12 +116,11 @@ def test_graph_capture_equals_the_model_over_sizes(family, attn):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_compiled_extractor_is_one_graph_without_recompiles(family):
+    """Called as users do (the cache on): the returned ``DynamicCache`` is rebuilt inside the graph."""
     torch._dynamo.reset()
     model = build(family, "sdpa")
     path = FAMILIES[family][2]
-    # no cache: transformers' pytree rebuilds a Cache with importlib, which dynamo skips
-    example = inputs(family, 2, 8) | ({} if family == "bert" else {"use_cache": False})
-    ex = capture(model, [path], example_inputs=example)
+    ex = capture(model, [path], example_inputs=inputs(family, 2, 8))
     compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -130,12 +129,20 @@ def test_compiled_extractor_is_one_graph_without_recompiles(family):
         if step == 3:  # static, then batch and length made dynamic: no recompile after
             warmed = counters["stats"]["unique_graphs"]
         kwargs = inputs(family, batch, length)
-        if family != "bert":
-            kwargs["use_cache"] = False
         with torch.no_grad():
             out, feats = compiled(**kwargs)
             ref, seen = hook_values(model, [path], **kwargs)
         torch.testing.assert_close(first_tensor(out), first_tensor(ref), atol=1e-5, rtol=1e-5)
+        value, hooked = feats[path], seen[path][0]
+        torch.testing.assert_close(value[0] if isinstance(value, tuple) else value,
+                                   hooked[0] if isinstance(hooked, tuple) else hooked, atol=1e-5, rtol=1e-5)  # fmt: skip
+        cache = getattr(ref, "past_key_values", None)
+        if cache is not None:  # the model's own cache object, with the same contents
+            got = out.past_key_values
+            assert type(got) is type(cache) and got.get_seq_length() == cache.get_seq_length() == length
+            for mine, theirs in zip(got.layers, cache.layers):
+                torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
     assert warmed <= 3 and counters["stats"]["unique_graphs"] == warmed, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 

@@ -1,0 +1,152 @@
+"""Output structures that a compiled graph can rebuild.
+
+A running trace returns the model's own output structure, rebuilt from flat values by
+an output spec. transformers registers its ``Cache`` classes (``DynamicCache``) as
+pytree nodes whose unflatten function finds each class by its dotted path with
+``importlib`` on every call, which ``torch.compile(fullgraph=True)`` refuses. So the
+spec of a graph's output is rewritten once, at build time: such a node becomes an
+fxcapture node holding the same context and the classes already resolved, and its
+unflatten rebuilds the same objects with no import. Every other node stays as it is.
+
+Example::
+
+    >>> spec = compilable_spec(out_spec)    # DynamicCache nodes -> Rebuilt nodes
+    >>> pytree.tree_unflatten(leaves, spec)  # the same objects, traceable by dynamo
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
+
+# transformers.exporters.exporter_dynamo's unflatten of Cache objects (transformers 5)
+_IMPORTING_UNFLATTEN = ("transformers.exporters.exporter_dynamo", "_pytree_unflatten")
+
+
+class Rebuilt:
+    """The pytree node type standing in for an object rebuilt from a context."""
+
+
+@dataclass(frozen=True)
+class RebuildContext:
+    context: Any  # transformers' JSON-like context of the object
+    classes: tuple[tuple[str, type], ...]  # "module:qualname" -> class, resolved at build time
+
+    def __hash__(self) -> int:  # contexts hold lists and dicts: the spec needs no hashing of them
+        return id(self)
+
+
+def _flatten(value: Any) -> tuple[list, Any]:
+    raise TypeError("Rebuilt nodes only occur in output specs; nothing is flattened into one")
+
+
+def _unflatten(values: Any, ctx: RebuildContext) -> Any:
+    return _from_context(ctx.context, list(values), dict(ctx.classes))
+
+
+pytree.register_pytree_node(Rebuilt, _flatten, _unflatten, serialized_type_name="fxcapture.core.pytrees.Rebuilt")
+
+
+def compilable_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """``spec`` with every node whose unflatten imports classes replaced by a :class:`Rebuilt`
+    node that rebuilds the same object without importing (nodes it cannot vouch for stay)."""
+    if spec.is_leaf():
+        return spec
+    children = [compilable_spec(c) for c in spec.children()]
+    unflatten = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
+    if (getattr(unflatten, "__module__", None), getattr(unflatten, "__name__", None)) == _IMPORTING_UNFLATTEN:
+        rebuilt = _rebuilt_node(spec, children, unflatten)
+        if rebuilt is not None:
+            return rebuilt
+    return pytree.TreeSpec(spec.type, spec.context, children)
+
+
+def _rebuilt_node(spec: pytree.TreeSpec, children: list, unflatten: Any) -> pytree.TreeSpec | None:
+    try:
+        classes: dict[str, type] = {}
+        _collect_classes(spec.context, classes)
+        context = RebuildContext(spec.context, tuple(classes.items()))
+        probe = [torch.zeros(()) for _ in range(spec.num_children)]
+        ours, theirs = _unflatten(probe, context), unflatten(probe, spec.context)
+    except Exception:  # a context of another format: keep the original node
+        return None
+    if type(ours) is not type(theirs) or _state(ours) != _state(theirs):
+        return None
+    return pytree.TreeSpec(Rebuilt, context, children)
+
+
+def _state(obj: Any) -> Any:
+    """A comparable picture of an object: types and attribute names, recursively."""
+    if isinstance(obj, torch.Tensor):
+        return "tensor"
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_state(v) for v in obj])
+    if isinstance(obj, dict):
+        return (type(obj).__name__, {k: _state(v) for k, v in obj.items()})
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return (type(obj).__qualname__, {k: _state(v) for k, v in vars(obj).items()})
+    return obj
+
+
+def _resolve(path: str) -> type:
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _collect_classes(ctx: Any, found: dict[str, type]) -> None:
+    if isinstance(ctx, dict):
+        if ctx.get("_t") in ("map", "seq", "obj", "type") and isinstance(ctx.get("p"), str):
+            found.setdefault(ctx["p"], _resolve(ctx["p"]))
+        for value in ctx.values():
+            _collect_classes(value, found)
+    elif isinstance(ctx, list):
+        for value in ctx:
+            _collect_classes(value, found)
+
+
+def _from_context(ctx: Any, leaves: list, classes: dict[str, type]) -> Any:
+    """transformers' ``_unflatten_from_context`` with the classes looked up in ``classes``."""
+    if ctx is None or type(ctx) in (bool, int, float, str):
+        return ctx
+    if type(ctx) is list:
+        return [_from_context(v, leaves, classes) for v in ctx]
+    if type(ctx) is dict and "_t" not in ctx:
+        return {k: _from_context(v, leaves, classes) for k, v in ctx.items()}
+    tag = ctx["_t"]
+    if tag in ("tensor", "sym"):
+        return leaves[ctx["i"]]
+    if tag in ("dtype", "layout"):
+        return getattr(torch, ctx["n"])
+    if tag == "device":
+        return torch.device(ctx["s"])
+    if tag == "size":
+        return torch.Size(ctx["v"])
+    if tag == "items":
+        return {k: _from_context(v, leaves, classes) for k, v in ctx["v"]}
+    cls = classes[ctx["p"]]
+    if tag == "type":
+        return cls
+    if tag == "map":
+        return cls({k: _from_context(v, leaves, classes) for k, v in ctx["v"].items()})
+    if tag == "seq":
+        items = [_from_context(v, leaves, classes) for v in ctx["v"]]
+        try:
+            return cls(items)
+        except TypeError:
+            return cls(*items)  # a namedtuple
+    if tag == "obj":
+        instance = cls.__new__(cls)
+        for k, v in ctx["s"].items():
+            instance.__dict__[k] = _from_context(v, leaves, classes)
+        return instance
+    raise TypeError(f"unknown tag {tag!r} in an output context")
+
+
+__all__ = ["Rebuilt", "RebuildContext", "compilable_spec"]
