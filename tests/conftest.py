@@ -7,6 +7,10 @@ the model's own forward, a manual computation.
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import pytest
@@ -156,3 +160,20 @@ def tiny_gpt2(vocab_size: int = 100, n_embd: int = 64) -> nn.Module:
         bos_token_id=0, eos_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def kill_after_chunks(command: list[str], out: Path, chunks: int, env: dict, seconds: float = 120) -> None:
+    """Start ``command`` (an ``extract`` job into ``out``) and SIGKILL it once ``chunks``
+    complete chunks are on disk."""
+    from fxcapture.dataset.storage import complete_chunks
+
+    child = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.monotonic() + seconds
+        while len(complete_chunks(out)) < chunks:
+            assert child.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no chunk appeared in time"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()

@@ -8,11 +8,9 @@ import json
 import math
 import os
 import runpy
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxcapture
-from conftest import hook_values
+from conftest import hook_values, kill_after_chunks
 from fxcapture import cli
 from fxcapture.dataset.reduce import resolve_reducers
 from fxcapture.dataset.sources import SyntheticImages
@@ -242,16 +240,7 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     out = tmp_path / "o"
-    child = subprocess.Popen([sys.executable, str(script), str(out), "0.03"], env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while len(complete_chunks(out)) < 3:
-            assert child.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no chunk appeared in time"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
+    kill_after_chunks([sys.executable, str(script), str(out), "0.03"], out, 3, ENV)
     chunks = complete_chunks(out)
     stored = sum(c.stop - c.start for c in chunks)
     assert 24 <= stored < 64 and not (out / "manifest.json").exists()

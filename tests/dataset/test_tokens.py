@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import runpy
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from conftest import kill_after_chunks
 from fxcapture.dataset.storage import complete_chunks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,16 +85,7 @@ def test_sigkill_mid_run_then_resume_gives_every_token_once(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     out = tmp_path / "o"
-    child = subprocess.Popen([sys.executable, str(script), "run", str(out), "0.03"], env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while len(complete_chunks(out)) < 3:
-            assert child.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no chunk appeared in time"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
+    kill_after_chunks([sys.executable, str(script), "run", str(out), "0.03"], out, 3, ENV)
     stored = sum(c.stop - c.start for c in complete_chunks(out))
     assert 24 <= stored < 64 and not (out / "manifest.json").exists()
 
