@@ -270,6 +270,10 @@ def _register_output_types(model: torch.nn.Module) -> None:
             return
 
 
+def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_inference() else t
+
+
 def trace_by_running(
     model: torch.nn.Module, args: tuple, kwargs: dict, *, attention: str | None = None
 ) -> tuple[TraceResult, InputGuard]:
@@ -286,6 +290,9 @@ def trace_by_running(
     _register_output_types(model)
     snapshot = ModelSnapshot(model)
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        # inputs made under torch.inference_mode (a loader's batches moved to the device there)
+        # cannot enter a graph traced with autograd: trace on normal copies of them
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _normal_tensor, (tuple(args), dict(kwargs)))
         collector.install()
         try:
             # export's advice on attributes set in forward; its print of a failed partial graph

@@ -147,6 +147,25 @@ def test_compiled_extractor_is_one_graph_without_recompiles(family):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_inputs_made_under_inference_mode_are_traced_in_a_graph(family):
+    """A loader's batches moved to the device inside ``torch.inference_mode`` (what
+    ``extract`` does) are inference tensors: the running tracer still traces them."""
+    model = build(family, "sdpa")
+    path = FAMILIES[family][2]
+    ex = capture(model, [path])
+    with torch.inference_mode():
+        for batch, length in [(2, 8), (3, 5)]:
+            kwargs = {k: v.clone() for k, v in inputs(family, batch, length).items()}  # inference tensors
+            out, feats = ex(**kwargs)
+            ref, seen = hook_values(model, [path], **kwargs)
+            assert torch.equal(first_tensor(out), first_tensor(ref))
+            value, hooked = feats[path], seen[path][0]
+            assert torch.equal(value[0] if isinstance(value, tuple) else value,
+                               hooked[0] if isinstance(hooked, tuple) else hooked)  # fmt: skip
+    assert ex.tracer == "running", ex.explain()
+
+
 def test_list_names_given_example_inputs():
     model = build("gpt2", "eager")
     with pytest.raises(ValueError, match="example_inputs"):
