@@ -442,7 +442,8 @@ def measure_text_memory(args: argparse.Namespace) -> Table:
     table.notes.append(
         "each cell is a separate process, peak resident memory during the loop above its start (sampled every "
         "millisecond); hooks keep the real tokens' rows in lists (bfloat16) and concatenate them; extract "
-        "streams them to chunk files, so its peak does not grow with the number of tokens"
+        "streams them to chunk files, so its peak does not grow with the number of tokens (the model is traced "
+        "by running it on the first batch: that trace's peak varies by tens of MiB between processes)"
     )
     return table
 
