@@ -34,7 +34,7 @@ class Rebuilt:
 @dataclass(frozen=True)
 class RebuildContext:
     context: Any  # transformers' JSON-like context of the object
-    classes: tuple[tuple[str, type], ...]  # "module:qualname" -> class, resolved at build time
+    classes: dict[str, type]  # "module:qualname" -> class, resolved at build time
 
     def __hash__(self) -> int:  # contexts hold lists and dicts: the spec needs no hashing of them
         return id(self)
@@ -45,7 +45,7 @@ def _flatten(value: Any) -> tuple[list, Any]:
 
 
 def _unflatten(values: Any, ctx: RebuildContext) -> Any:
-    return _from_context(ctx.context, list(values), dict(ctx.classes))
+    return _from_context(ctx.context, list(values), ctx.classes)
 
 
 pytree.register_pytree_node(Rebuilt, _flatten, _unflatten, serialized_type_name="fxcapture.core.pytrees.Rebuilt")
@@ -69,7 +69,7 @@ def _rebuilt_node(spec: pytree.TreeSpec, children: list, unflatten: Any) -> pytr
     try:
         classes: dict[str, type] = {}
         _collect_classes(spec.context, classes)
-        context = RebuildContext(spec.context, tuple(classes.items()))
+        context = RebuildContext(spec.context, classes)
         probe = [torch.zeros(()) for _ in range(spec.num_children)]
         ours, theirs = _unflatten(probe, context), unflatten(probe, spec.context)
     except Exception:  # a context of another format: keep the original node
