@@ -66,6 +66,8 @@ from benchmarks.common import (  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.95  # extract / bare samples per second
 NAME = "layer4"
+TEXT_RSS_NAMES = ["h.0", "h.2", "h.3"]  # the peak RSS runs of text: a 4-layer GPT-2
+TEXT_RSS_WIDTH = 256
 
 
 def build_model(arch: str) -> torch.nn.Module:
@@ -203,16 +205,21 @@ def rss_child(method: str, samples: int, args: argparse.Namespace) -> None:
     print(peak_above_start(loops[method]))
 
 
-def peak_rss(method: str, samples: int, device: torch.device, args: argparse.Namespace) -> int:
-    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", method, str(samples),
-               "--arch", args.arch, "--rss-image-size", str(args.rss_image_size), "--batch-size",
-               str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers),
-               "--rss-device", str(device)]  # fmt: skip
+def run_child(options: list[str], what: str) -> list[int]:
+    """Run this script in a fresh process with ``options``; the numbers of its last output line."""
+    command = [sys.executable, str(Path(__file__).resolve()), *options]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{method} with {samples} samples failed:\n{done.stderr[-2000:]}")
-    return int(done.stdout.split()[-1])
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-2000:]}")
+    return [int(v) for v in done.stdout.splitlines()[-1].split()]
+
+
+def peak_rss(method: str, samples: int, device: torch.device, args: argparse.Namespace) -> int:
+    options = ["--rss-child", method, str(samples), "--arch", args.arch, "--rss-image-size", str(args.rss_image_size),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers),
+               "--rss-device", str(device)]  # fmt: skip
+    return run_child(options, f"{method} with {samples} samples")[0]
 
 
 def measure_memory(device: torch.device, args: argparse.Namespace) -> Table:
@@ -273,7 +280,8 @@ def bare_text_loop(model: torch.nn.Module, loader: Any, device: torch.device, st
                 second = time.perf_counter()
             model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
     synchronize(device)
-    steady.append(time.perf_counter() - second) if second is not None else None
+    if second is not None:
+        steady.append(time.perf_counter() - second)
 
 
 def extract_text(model: torch.nn.Module, names: list[str], loader: Any, device: torch.device, out: Path,
@@ -341,12 +349,12 @@ def measure_text(device: torch.device, args: argparse.Namespace) -> Table:
         timings = time_interleaved(contenders, args.rounds, warmup=1, device=device)
         first = int(next(iter(loader))["attention_mask"].sum())
         later = {k: [(tokens - first) / t for t in v[-args.rounds:]] for k, v in steady.items()}
+        x_later = {k: statistics.median(a / b for a, b in zip(v, later["bare forward"])) for k, v in later.items()}
         for method, t in timings.items():
             checked = "yes" if same or method == "bare forward" else "NO"
-            x_steady = statistics.median(a / b for a, b in zip(later[method], later["bare forward"]))
             table.add(method, f"{tokens / t.median:,.0f}", f"{tokens / t.best:,.0f}",
                       fmt_ratio(1 / ratio(timings, method, "bare forward")),
-                      f"{statistics.median(later[method]):,.0f}", fmt_ratio(x_steady), checked)  # fmt: skip
+                      f"{statistics.median(later[method]):,.0f}", fmt_ratio(x_later[method]), checked)  # fmt: skip
         readers = {
             "read back, shuffled": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=True, seed=0)),
             "read back, in order": lambda: sum(len(b) for b in feats.loader(names[0], 4096, shuffle=False)),
@@ -357,11 +365,11 @@ def measure_text(device: torch.device, args: argparse.Namespace) -> Table:
             table.add(f"{method} (one key, batches of 4096)", f"{rows / statistics.median(times):,.0f}",
                       f"{rows / min(times):,.0f}", "-", "-", "-", "-")  # fmt: skip
         x_bare = 1 / ratio(timings, "extract (tokens, bfloat16)", "bare forward")
-        x_later = statistics.median(a / b for a, b in zip(later["extract (tokens, bfloat16)"], later["bare forward"]))
+        x_extract = x_later["extract (tokens, bfloat16)"]
         row_bytes = len(names) * config.n_embd * 2
         table.notes.append(
-            f"extract x bare {x_later:.3f} tokens/s from the second batch on (target >= {TARGET}: "
-            f"{'met' if x_later >= TARGET else 'not met'}), {x_bare:.3f} for the whole call; the first batch of "
+            f"extract x bare {x_extract:.3f} tokens/s from the second batch on (target >= {TARGET}: "
+            f"{'met' if x_extract >= TARGET else 'not met'}), {x_bare:.3f} for the whole call; the first batch of "
             "an extract call traces the model by running it (torch.export) and checksums the weights for the "
             f"run's identity, a one-time cost that a corpus amortizes; {tokens} real tokens a pass "
             f"({first} in the first batch), {row_bytes} bytes stored per token ({len(names)} keys), "
@@ -385,11 +393,11 @@ def text_rss_child(method: str, documents: int, args: argparse.Namespace) -> Non
     from fxcapture.dataset.text import ByteTokenizer, TextDataset, synthetic_texts
 
     torch.set_num_threads(args.threads)
-    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4)
+    config = transformers.GPT2Config(n_layer=4, n_embd=TEXT_RSS_WIDTH, n_head=4)
     model = transformers.GPT2Model(config).eval()
     data = TextDataset(synthetic_texts(documents, max_words=48), ByteTokenizer(config.vocab_size), max_length=128)
     loader = DataLoader(data, batch_size=16, collate_fn=data.collate_fn)
-    names = ["h.0", "h.2", "h.3"]
+    names = TEXT_RSS_NAMES
     work = Path(tempfile.mkdtemp(prefix="fxcapture-bench-rss-"))
 
     def hooks() -> None:  # the usual loop: real tokens of every key kept in lists, concatenated at the end
@@ -422,23 +430,20 @@ def measure_text_memory(args: argparse.Namespace) -> Table:
     """Peak RSS of storing tokens for about 10k and 100k real tokens, one process a cell."""
     small, large = (20, 200) if args.quick else (100, 1000)
     table = Table(
-        "text: peak RSS during the loop, GPT-2 4 layers x 256, h.0/h.2/h.3 stored per token in bfloat16 (cpu)",
+        f"text: peak RSS during the loop, GPT-2 4 layers x {TEXT_RSS_WIDTH}, {'/'.join(TEXT_RSS_NAMES)} stored per "
+        "token in bfloat16 (cpu)",
         ["method", "small MiB", "large MiB", "growth MiB", "tokens (small / large)", "stored MiB (large)"],
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for method in ("hooks", "extract"):
         cells = []
         for documents in (small, large):
             progress(f"cpu: text peak RSS of {method} for {documents} documents")
-            command = [sys.executable, str(Path(__file__).resolve()), "--rss-text-child", method, str(documents),
-                       "--threads", str(args.threads)]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"text {method} with {documents} documents failed:\n{done.stderr[-2000:]}")
-            cells.append([int(v) for v in done.stdout.split()[-2:]])
+            options = ["--rss-text-child", method, str(documents), "--threads", str(args.threads)]
+            cells.append(run_child(options, f"text {method} with {documents} documents"))
         (peak_s, tokens_s), (peak_l, tokens_l) = cells
+        stored = tokens_l * len(TEXT_RSS_NAMES) * TEXT_RSS_WIDTH * 2  # bfloat16
         table.add(method, f"{peak_s / 2**20:.0f}", f"{peak_l / 2**20:.0f}", f"{(peak_l - peak_s) / 2**20:.0f}",
-                  f"{tokens_s:,} / {tokens_l:,}", f"{tokens_l * 3 * 256 * 2 / 2**20:.0f}")  # fmt: skip
+                  f"{tokens_s:,} / {tokens_l:,}", f"{stored / 2**20:.0f}")  # fmt: skip
     table.notes.append(
         "each cell is a separate process, peak resident memory during the loop above its start (sampled every "
         "millisecond); hooks keep the real tokens' rows in lists (bfloat16) and concatenate them; extract "

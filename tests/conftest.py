@@ -7,6 +7,7 @@ the model's own forward, a manual computation.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -160,6 +161,12 @@ def tiny_gpt2(vocab_size: int = 100, n_embd: int = 64) -> nn.Module:
         bos_token_id=0, eos_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+# a child Python process that imports this checkout's fxcapture (and benchmarks), one thread
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                  "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def kill_after_chunks(command: list[str], out: Path, chunks: int, env: dict, seconds: float = 120) -> None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxcapture
 from benchmarks.soak import compare, leftovers, soak
+from conftest import SUBPROCESS_ENV
 from fxcapture import cli
 from fxcapture.cli.models import TinyViT
 from fxcapture.dataset.files import WriteError
@@ -31,7 +32,6 @@ from fxcapture.dataset.sources import SyntheticImages
 from fxcapture.dataset.storage import ChunkWriter, complete_chunks, finalize, load, prepare_output
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 CONFIG = {"model": "m", "names": ["a"], "rows": 10}
 
 
@@ -159,7 +159,7 @@ CLI = ["extract", "--model", "demo:vit", "--names", "blocks.1", "--reduce", "mea
 
 def _cli(out: Path, data: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fxcapture", *CLI, "--data", data, "--out", str(out), *extra],
-                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_two_cli_processes_into_one_folder(tmp_path):
@@ -262,7 +262,7 @@ fxcapture.extract(torch.nn.Sequential(torch.nn.Identity()), ["0"], batches(), ou
 def test_a_batch_done_more_than_flush_seconds_ago_survives_sigkill(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SLOW_THEN_KILLED)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "o")], env=ENV)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "o")], env=SUBPROCESS_ENV)
     deadline = time.monotonic() + 120
     while not complete_chunks(tmp_path / "o"):
         assert proc.poll() is None and time.monotonic() < deadline, "no chunk was flushed by time"

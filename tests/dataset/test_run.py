@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import runpy
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxcapture
-from conftest import hook_values, kill_after_chunks
+from conftest import SUBPROCESS_ENV, hook_values, kill_after_chunks
 from fxcapture import cli
 from fxcapture.dataset.reduce import resolve_reducers
 from fxcapture.dataset.sources import SyntheticImages
@@ -28,7 +25,6 @@ from fxcapture.cli.models import TinyViT, build_model
 from fxcapture.dataset.storage import Column, TokenColumn, UnfinishedOutputError, complete_chunks
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
 def tiny_vit() -> TinyViT:
@@ -240,7 +236,7 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     out = tmp_path / "o"
-    kill_after_chunks([sys.executable, str(script), str(out), "0.03"], out, 3, ENV)
+    kill_after_chunks([sys.executable, str(script), str(out), "0.03"], out, 3, SUBPROCESS_ENV)
     chunks = complete_chunks(out)
     stored = sum(c.stop - c.start for c in chunks)
     assert 24 <= stored < 64 and not (out / "manifest.json").exists()
@@ -298,7 +294,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     extra = 2700 * 8 * 32 * 32 * 4  # bytes of the 2700 extra rows
     peaks = {}
     for mode in ("extract", "keep"):
-        done = subprocess.run([sys.executable, str(script), mode], env=ENV, capture_output=True,
+        done = subprocess.run([sys.executable, str(script), mode], env=SUBPROCESS_ENV, capture_output=True,
                               text=True, timeout=300, cwd=tmp_path)  # fmt: skip
         assert done.returncode == 0, done.stderr
         peaks[mode] = tuple(map(int, done.stdout.split()[-2:]))

@@ -3,20 +3,15 @@ tokens, and peak memory does not grow with the number of tokens (10k vs 100k).""
 
 from __future__ import annotations
 
-import os
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from conftest import kill_after_chunks
+from conftest import SUBPROCESS_ENV, kill_after_chunks
 from fxcapture.dataset.storage import complete_chunks
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 JOB = '''
 import sys, time
@@ -85,7 +80,7 @@ def test_sigkill_mid_run_then_resume_gives_every_token_once(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     out = tmp_path / "o"
-    kill_after_chunks([sys.executable, str(script), "run", str(out), "0.03"], out, 3, ENV)
+    kill_after_chunks([sys.executable, str(script), "run", str(out), "0.03"], out, 3, SUBPROCESS_ENV)
     stored = sum(c.stop - c.start for c in complete_chunks(out))
     assert 24 <= stored < 64 and not (out / "manifest.json").exists()
 
@@ -108,7 +103,7 @@ def test_peak_memory_is_flat_from_10k_to_100k_tokens(tmp_path):
     script.write_text(JOB)
     peaks = {}
     for mode in ("extract", "keep"):
-        done = subprocess.run([sys.executable, str(script), "memory", mode], env=ENV, capture_output=True,
+        done = subprocess.run([sys.executable, str(script), "memory", mode], env=SUBPROCESS_ENV, capture_output=True,
                               text=True, timeout=300, cwd=tmp_path)  # fmt: skip
         assert done.returncode == 0, done.stderr
         peaks[mode] = tuple(map(int, done.stdout.split()[-2:]))
