@@ -270,18 +270,14 @@ def _measure_gpt2_compiled(name: str, size: str, built: dict[str, Any], device: 
                            args: argparse.Namespace, table: Table) -> None:  # fmt: skip
     from torch._dynamo.utils import counters
 
-    from fxcapture import capture
-
-    model, ids, layers = built["model"], built["ids"], built["layers"]
-    call = {"input_ids": ids}
-    progress(f"{name} on {device}: tracing (running)")
-    ex = capture(model, layers, example_inputs=call)
+    # the eager table's extractor, already traced by running on these ids
+    model, ex, ids, layers = built["model"], built["ex"], built["ids"], built["layers"]
     torch._dynamo.reset()
     graphs = lambda: int(counters["stats"]["unique_graphs"])  # noqa: E731
     with torch.no_grad():
-        eager_out = model(**call).logits
+        eager_out = model(ids).logits
         hooks = HookCapture(model, layers)
-        _, hook_blocks = hooks(**call)
+        _, hook_blocks = hooks(ids)
         hooks.remove()
         calls = {"compiled model": torch.compile(model, backend=args.backend),
                  "compiled fxcapture": torch.compile(ex, backend=args.backend, fullgraph=True)}  # fmt: skip
@@ -289,14 +285,14 @@ def _measure_gpt2_compiled(name: str, size: str, built: dict[str, Any], device: 
         for method, fn in calls.items():
             progress(f"{name} on {device}: compiling {method} ({args.backend})")
             before = graphs()
-            seconds, result = time_call(lambda: fn(**call), device)
+            seconds, result = time_call(lambda: fn(ids), device)
             logits, feats = (result[0].logits, result[1]) if isinstance(result, tuple) else (result.logits, None)
             close = torch.allclose(logits, eager_out, atol=1e-4) and (
                 feats is None or all(torch.allclose(a, b, atol=1e-4) for a, b in zip(feats.values(), hook_blocks.values())))
             first[method] = (seconds, graphs() - before, close)
         before = graphs()
         progress(f"{name} on {device}: timing compiled, {args.rounds} rounds")
-        t = time_interleaved({m: (lambda f=f: f(**call)) for m, f in calls.items()}, args.rounds,
+        t = time_interleaved({m: (lambda f=f: f(ids)) for m, f in calls.items()}, args.rounds,
                              iters=gpt2_iters(size, args), device=device)  # fmt: skip
         later = graphs() - before
     for method, captured in (("compiled model", "-"), ("compiled fxcapture", f"{len(layers)} blocks")):
