@@ -298,7 +298,7 @@ class CaptureTracer(fx.Tracer):
         random number generator is restored; either is reported in ``hazards``.
         """
         model = root if isinstance(root, torch.nn.Module) else None
-        self.frames = FrameFilter(model)
+        self.frames = FrameFilter(root)
         with _TRACE_LOCK:
             snapshot = ModelSnapshot(model) if model is not None else None
             rng = torch.random.get_rng_state()
