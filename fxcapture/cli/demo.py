@@ -1,6 +1,6 @@
 """``fxcapture demo``: capture a random-weight ViT's attention maps and module outputs.
 
-Builds :class:`fxcapture.models.TinyViT` (seeded random weights), captures the local
+Builds :class:`fxcapture.cli.models.TinyViT` (seeded random weights), captures the local
 ``attn`` of every block and a few module outputs on a synthetic batch, prints the
 names and shapes, the overhead against a plain forward, writes figures (attention
 grid, CLS overlay, rollout) when matplotlib is installed, and runs

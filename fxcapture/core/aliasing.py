@@ -29,7 +29,7 @@ _INPLACE_OPERATORS = {
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
     operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
 }  # fmt: skip
-_INPLACE_OPERATORS |= set(INPLACE_FUNCTIONS.values())  # x += y (fxcapture.tracing)
+_INPLACE_OPERATORS |= set(INPLACE_FUNCTIONS.values())  # x += y (fxcapture.core.trace)
 
 # Ops whose result may share memory with their first argument.
 _VIEW_NAMES = {

@@ -49,7 +49,7 @@ def capture(
             (see :mod:`fxcapture.core.attention`). A selector (or edit) naming
             ``attn_probs`` turns it on by itself; otherwise the fused kernels stay.
         edit: ``{selector: fn(value, key) -> new value}``: everything downstream of
-            the selected values uses what ``fn`` returns (see :mod:`fxcapture.edit`).
+            the selected values uses what ``fn`` returns (see :mod:`fxcapture.core.edit`).
         fallback: ``"auto"``: what no tracer can follow runs eagerly and its values
             are captured at run time (hooks, a profile function; see
             :mod:`fxcapture.core.runtime`); ``"never"``: raise the trace error;

@@ -239,7 +239,7 @@ def apply_edits(
 
     Every user of an original node that runs after the edit now uses the
     replacement (users inside a module that returned a tuple, before its last part,
-    keep the original). Called by :func:`fxcapture.extractor.build_program`.
+    keep the original). Called by :func:`fxcapture.core.build.build_program`.
     """
     modules = dict(root.named_modules())
     replaced: dict[fx.Node, fx.Node] = {}

@@ -8,7 +8,7 @@ host without stalling the device (pinned buffers and ``non_blocking`` copies on
 CUDA, synchronised by an event in the writer thread) and hands it to a background
 writer that streams fixed-size chunks to disk while the next batch runs. Memory does
 not grow with the dataset; a killed run resumes after its last complete chunk; under
-``torchrun`` each process takes its shard (see :mod:`fxcapture.distributed`).
+``torchrun`` each process takes its shard (see :mod:`fxcapture.dataset.distributed`).
 
 Example::
 
@@ -22,7 +22,7 @@ Command line::
 
     fxcapture extract --model torchvision:resnet50 --names layer4 --reduce mean \\
         --data images/ --out feats/ --batch-size 64 --device cuda
-    torchrun --nproc-per-node 8 -m fxcapture.cli extract ...      # one shard per GPU
+    torchrun --nproc-per-node 8 -m fxcapture extract ...      # one shard per GPU
 """
 
 from __future__ import annotations

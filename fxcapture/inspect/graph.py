@@ -111,7 +111,7 @@ def _shapes(graph: fx.Graph, source: Any, example_inputs: tuple) -> dict[fx.Node
         with torch.no_grad():
             ShapeProp(module).propagate(*example_inputs)
     except Exception as err:  # a shape is a nicety: never fail the graph for it
-        warnings.warn(f"fxcapture.to_networkx: no shapes ({type(err).__name__}: {err})", stacklevel=3)
+        warnings.warn(f"fxcapture.inspect.graph.to_networkx: no shapes ({type(err).__name__}: {err})", stacklevel=3)
         return {}
     found = {}
     for original, node in mapping.items():

@@ -38,7 +38,7 @@ def _figure(**kwargs: Any) -> "Figure":
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            'fxcapture.viz needs matplotlib: pip install "fxcapture[viz]"'
+            'fxcapture.inspect.viz needs matplotlib: pip install "fxcapture[viz]"'
         ) from err
     return Figure(layout="constrained", **kwargs)
 
