@@ -181,9 +181,9 @@ def check_example_inputs(example_inputs: Any) -> None:
     keyword arguments (a string, a number or a numpy array is refused by name)."""
     if example_inputs is None or leaves(example_inputs):
         return
-    hint = " (convert it with torch.from_numpy)" if type(example_inputs).__module__ == "numpy" else ""
+    hint = ", convert it with torch.from_numpy" if type(example_inputs).__module__ == "numpy" else ""
     raise CaptureError(
-        f"example_inputs is a {type(example_inputs).__name__} holding no tensor{hint}: give one tensor, a "
+        f"example_inputs holds no tensor (got {type(example_inputs).__name__}{hint}): give one tensor, a "
         "tuple of positional arguments (x,) or a dict of keyword arguments {'input_ids': ids}"
     )
 
