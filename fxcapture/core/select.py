@@ -235,6 +235,11 @@ def check_module_paths(names: Names, root: torch.nn.Module, how_to_list: str | N
         if path is None or path in modules:
             continue
         hint = _prefix_hint(path, modules)
+        owner, _, attr = path.rpartition(".")
+        if not hint and owner in modules and attr in dict(modules[owner].named_parameters(recurse=False)) | dict(
+            modules[owner].named_buffers(recurse=False)
+        ):
+            hint = f" It is a tensor the model holds, not one it computes: capture the module {owner!r}."
         if not hint:
             close = difflib.get_close_matches(path, list(modules), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from .._util.tree import leaves
+from .sources import DataError
 
 _SAMPLED_ITEMS = 8  # items of a dataset hashed for its fingerprint
 _CHECKSUM_COLUMNS = 4096  # columns of a tensor's integer view summed for its checksum
@@ -132,7 +133,11 @@ def _value_hash(value: Any, h: Any) -> None:
 
 def _item_hash(dataset: Any, i: int) -> str:
     h = hashlib.sha256()
-    _value_hash(dataset[i], h)
+    try:
+        item = dataset[i]
+    except Exception as err:
+        raise DataError(f"dataset[{i}] (read for the data's fingerprint) raised {type(err).__name__}: {err}") from err
+    _value_hash(item, h)
     return h.hexdigest()
 
 
