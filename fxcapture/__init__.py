@@ -19,7 +19,7 @@ from .core.extractor import Extractor
 from .core.records import NameInfo
 from .core.spec import CaptureError, TraceFailure
 from .dataset.run import extract
-from .dataset.storage import UnfinishedOutputError, load
+from .dataset.storage import UnfinishedOutputError, WriteError, load
 from .interventions.patching import patch
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "CaptureError",
     "TraceFailure",
     "UnfinishedOutputError",
+    "WriteError",
     "get_local",
     "HookManager",
     "Monitor",

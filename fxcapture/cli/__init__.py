@@ -39,9 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors a user can fix by changing the command (exit 2, as argparse's own)
+USAGE_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every error is one line on stderr: exit 2 for what the command
+    line can fix, 1 for anything else (``FXCAPTURE_TRACEBACK=1`` shows the traceback),
+    130 for Ctrl-C wherever it comes."""
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted("fxcapture")
     run: Callable[[argparse.Namespace], int | None] = args.run
+    where = f"fxcapture {args.command}"
     token = HOW_TO_LIST.set(f"fxcapture names {getattr(args, 'model', None) or 'MODEL'}")  # errors name the CLI
     try:
         return run(args) or 0
@@ -49,14 +60,35 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as err:
-        print(f"fxcapture {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            print(f"fxcapture {args.command}: error: no space left on device: {err}", file=sys.stderr)
-        else:
-            print(f"fxcapture {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return _interrupted(where)
+    except Exception as err:
+        if os.environ.get("FXCAPTURE_TRACEBACK"):
+            raise
+        usage = isinstance(err, USAGE_ERRORS)
+        print(f"{where}: error: {_one_line(err, named=not usage)}", file=sys.stderr)
+        if not usage:
+            print(f"{where}: this looks like a bug in fxcapture or in the model; FXCAPTURE_TRACEBACK=1 "
+                  "shows where it happened", file=sys.stderr)  # fmt: skip
+        return 2 if usage else 1
     finally:
         HOW_TO_LIST.reset(token)
+
+
+def _interrupted(where: str) -> int:
+    print(f"{where}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _one_line(err: BaseException, named: bool) -> str:
+    """The error's message on one line (the first line of a multi-line one), with its
+    type when it is not self-explanatory; a bare errno ``[Errno 2] ...`` in words."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror.lower()}"
+        if err.errno == errno.ENOSPC:
+            text = f"no space left on device: {text}"
+    else:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if named or not text:
+        text = f"{type(err).__name__}: {text}".rstrip(": ")
+    return text

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from ..core.api import capture
+from ..core.select import PROBS_NAMES, UnknownSelectorError
+from ..dataset.files import check_output_folder
 from ..inspect import viz
 from .demo import synthetic_batch
 from .extract import image_transform, positive, read_image
-from .models import build_model, input_size
+from .models import build_model, check_takes_images, existing_file, input_size
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -37,9 +39,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def load_input(model: torch.nn.Module, image: str | None, size: int | None, seed: int) -> torch.Tensor:
     """One image as a (1, C, H, W) batch: the file through the model's transform, or synthetic."""
     if image is not None:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"--image {image}: no such file")
-        return image_transform(model, size)(read_image(image))[None]
+        return image_transform(model, size)(read_image(str(existing_file(image, "--image"))))[None]
     channels, height, _ = input_size(model)
     return synthetic_batch(1, size or height, seed)[:, :channels]
 
@@ -63,12 +63,31 @@ def write_attention_figures(maps: dict, images: torch.Tensor, out: Path, title: 
     return written
 
 
+def attention_features(model: torch.nn.Module, names: str, images: torch.Tensor, spec: str) -> dict:
+    """The captured maps; a model without attention layers is said to be one."""
+    try:
+        with torch.no_grad():
+            return capture(model, names)(images)[1]
+    except UnknownSelectorError as err:
+        if err.selector not in PROBS_NAMES:  # a misspelled path keeps its own message
+            raise
+        raise ValueError(
+            f"{spec} has no attention layers (no softmax attention, no fused attention, no "
+            f"nn.MultiheadAttention), so there are no attention maps to draw; `fxcapture attention` "
+            f"needs a transformer, e.g. timm:vit_small_patch16_224 or demo:vit"
+        ) from None
+
+
 def run_cli(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    check_output_folder(args.out, "--out")
+    for path, option in ((args.weights, "--weights"), (args.image, "--image")):
+        if path is not None:
+            existing_file(path, option)
     model = build_model(args.model, args.weights)
+    check_takes_images(model, args.model, args.image_size)
     images = load_input(model, args.image, args.image_size, args.seed)
-    with torch.no_grad():
-        _, feats = capture(model, args.names)(images)
+    feats = attention_features(model, args.names, images, args.model)
     maps = viz.attention_maps(feats)
     first = next(iter(maps.values()))
     print(f"{args.model}: {len(maps)} attention maps, {tuple(first.shape)} each (B, heads, queries, keys)")

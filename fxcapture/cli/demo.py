@@ -159,6 +159,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if min(args.batch, args.rounds, args.threads, args.samples) < 1:
         raise ValueError("--batch, --rounds, --threads and --samples must be at least 1")
+    check_output_folder(args.out, "--out")
     run_demo(Path(args.out), batch=args.batch, rounds=args.rounds, seed=args.seed, threads=args.threads,
              samples=args.samples)  # fmt: skip
     return 0

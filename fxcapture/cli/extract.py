@@ -29,21 +29,24 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from .._util.atomic import atomic_file
+from ..dataset.files import check_output_folder
 from ..dataset.reduce import REDUCERS, check_reducer
 from ..dataset.run import extract
 from ..dataset.sources import SyntheticImages
 from ..dataset.text import TextDataset, is_text_spec, read_texts
-from .models import build_model, build_tokenizer, input_size, max_positions, parse_overrides
+from .models import (
+    build_model,
+    build_tokenizer,
+    check_takes_images,
+    existing_file,
+    input_size,
+    max_positions,
+    parse_overrides,
+)
 
 
 class UnreadableImage(ValueError):
-    """An image file PIL cannot read. Built again from the traceback text when it comes
-    out of a DataLoader worker: the message stays the one line that names the file."""
-
-    def __init__(self, message: str) -> None:
-        if "\nOriginal Traceback" in message:  # re-raised by torch's ExceptionWrapper
-            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
+    """An image file PIL cannot read (``extract`` names the item and batch it was)."""
 
 
 def read_image(path: str) -> Image.Image:
@@ -80,18 +83,48 @@ def cli_dataset(spec: str, model: torch.nn.Module, image_size: int | None = None
         c, h, w = input_size(model)
         size = (c, image_size, image_size) if image_size else (c, h, w)
         return SyntheticImages(int(count), size, seed)
-    root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"--data {spec!r}: no such folder (give an image folder, synthetic:N, a .txt/.jsonl/.parquet "
-            "file or synthetic-text:N)"
-        )
+    check_data_path(spec)
     try:
-        return ImageFolder(str(root), transform=image_transform(model, image_size), loader=read_image)
+        return ImageFolder(spec, transform=image_transform(model, image_size), loader=read_image)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"--data {spec!r}: {err} (an image folder holds one subfolder of images per class)"
         ) from err
+
+
+def check_data_path(spec: str) -> None:
+    """``--data`` names an existing image folder or text file (``synthetic*:N`` always exists)."""
+    if spec.startswith(("synthetic:", "synthetic-text:")):
+        return
+    path = Path(spec)
+    if is_text_spec(spec):
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {spec!r}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    elif not path.is_dir():
+        raise FileNotFoundError(
+            f"--data {spec!r}: no such folder (give an image folder, synthetic:N, a .txt/.jsonl/.parquet "
+            "file or synthetic-text:N)"
+        )
+
+
+# options that apply to one kind of --data only: given for the other, they would be ignored
+TEXT_OPTIONS = {"text_field": "--text-field", "max_length": "--max-length", "stride": "--stride",
+                "sort_batches": "--sort-batches", "padding_side": "--padding-side"}  # fmt: skip
+IMAGE_OPTIONS = {"image_size": "--image-size"}
+
+
+def check_options(args: argparse.Namespace, text: bool) -> None:
+    """Before any model is built: options that fit the data, files that exist, an ``--out``
+    that can be written."""
+    check_output_folder(args.out, "--out")
+    if args.weights is not None:
+        existing_file(args.weights, "--weights")
+    check_data_path(args.data)
+    wrong = IMAGE_OPTIONS if text else TEXT_OPTIONS
+    given = [flag for dest, flag in wrong.items() if getattr(args, dest) not in (None, 0)]
+    if given:
+        kind, other = ("text", "image") if text else ("image", "text")
+        raise ValueError(f"{', '.join(given)} applies to {other} data, but --data {args.data!r} is {kind}: leave it out")
 
 
 def text_dataset(args: argparse.Namespace, model: torch.nn.Module) -> TextDataset:
@@ -100,7 +133,7 @@ def text_dataset(args: argparse.Namespace, model: torch.nn.Module) -> TextDatase
     tokenizer = build_tokenizer(args.model, model)
     max_length = args.max_length or max_positions(model)
     window = args.sort_batches * args.batch_size if args.sort_batches else None
-    texts = read_texts(args.data, args.text_field, args.seed)
+    texts = read_texts(args.data, args.text_field or "text", args.seed)
     return TextDataset(texts, tokenizer, max_length=max_length, stride=args.stride, sort_window=window,
                        padding_side=args.padding_side)  # fmt: skip
 
@@ -161,7 +194,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--data", required=True,
                         help="an image folder (one subfolder per class), synthetic:N, or text: a .txt file "
                              "(a document per line), .jsonl/.parquet (--text-field), synthetic-text:N")
-    parser.add_argument("--text-field", default="text", help="the text of a .jsonl/.parquet row (default: text)")
+    parser.add_argument("--text-field", default=None, help="the text of a .jsonl/.parquet row (default: text)")
     parser.add_argument("--max-length", type=positive, default=None,
                         help="tokens per sample (default: the model's position limit); longer documents "
                              "are truncated, or cut into windows with --stride")
@@ -175,7 +208,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--padding-side", choices=["left", "right"], default=None,
                         help="pad text batches on this side (default: the tokenizer's)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--weights", default=None, help="a state_dict file to load (default: random weights)")
     parser.add_argument("--seed", type=int, default=0,
@@ -188,7 +221,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--autocast", action="store_true", help="run under torch.autocast")
     parser.add_argument("--output", action="store_true", help="store the model output too (key 'output')")
     parser.add_argument("--attention", choices=["weights"], default=None, help="compute fused attention explicitly so its probabilities can be stored (implied by --names attn_probs)")  # fmt: skip
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk file (default: ~16 MiB)")
+    parser.add_argument("--chunk-size", type=positive, default=None, help="rows per chunk file (default: ~16 MiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished output")  # fmt: skip
@@ -196,9 +229,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    text = is_text_spec(args.data)
+    check_options(args, text)
     device = cli_device(args.device)
     model = build_model(args.model, args.weights, parse_overrides(args.config_overrides))
-    text = is_text_spec(args.data)
+    if not text:
+        check_takes_images(model, args.model, args.image_size)
     dataset = text_dataset(args, model) if text else cli_dataset(args.data, model, args.image_size, args.seed)
     workers = args.num_workers
     if workers is None:

@@ -6,6 +6,7 @@ import argparse
 
 import networkx as nx
 
+from ..dataset.files import check_output_file
 from ..inspect.draw import draw
 from ..inspect.graph import module_view, to_networkx
 from .models import build_model, example_input
@@ -33,6 +34,9 @@ def _auto_depth(g: nx.DiGraph, limit: int = 80) -> int | None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    for path, option in ((args.out, "--out"), (args.graphml, "--graphml")):
+        if path is not None:
+            check_output_file(path, option)
     model = build_model(args.model)
     example = None if args.no_shapes else example_input(model)
     g = to_networkx(model, example, names=args.names or None, attention=args.attention)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,11 +142,33 @@ def _hf_config(model_type: str, overrides: Mapping[str, Any]) -> nn.Module:
         close = difflib.get_close_matches(unknown[0], list(default.to_dict()), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"--config-overrides: {model_type} configs have no {unknown[0]!r}{hint}")
-    config = transformers.AutoConfig.for_model(model_type, **overrides)
+    for key, value in overrides.items():
+        _check_override(model_type, key, value, getattr(default, key))
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **overrides)
+    except Exception as err:  # transformers validates fields with its own exception types
+        raise ValueError(f"--config-overrides: {model_type} refuses {dict(overrides)} ({_first_line(err)})") from err
     try:
         return transformers.AutoModel.from_config(config)
     except ValueError as err:
         raise ValueError(f"hf-config:{model_type} has no base model class ({err})") from err
+
+
+def _check_override(model_type: str, key: str, value: Any, default: Any) -> None:
+    """An override of a number (or a flag) must be one: ``n_layer=abc`` is refused by name."""
+    kinds = {bool: (bool,), int: (int,), float: (int, float)}
+    want = kinds.get(type(default))
+    if want is not None and value is not None and (not isinstance(value, want) or
+                                                   (want != (bool,) and isinstance(value, bool))):  # fmt: skip
+        raise ValueError(
+            f"--config-overrides: {model_type}'s {key} takes {type(default).__name__} values, got {value!r} "
+            f"(e.g. {key}={default!r})"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(err).__name__
 
 
 _SOURCES = {"torchvision": _torchvision, "timm": _timm, "demo": _demo, "hf": _hf, "hf-config": _hf_config}
@@ -180,10 +201,14 @@ def build_model(spec: str, weights: str | Path | None = None,
 def load_weights(model: nn.Module, weights: str | Path) -> None:
     """Load a ``state_dict`` file (or ``{"state_dict": ...}``) into ``model``; a file of
     another model fails with one line naming the missing and unexpected keys."""
+    existing_file(weights, "--weights")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"--weights {weights}: not a torch state_dict file ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # a text file or another format fails anywhere in the unpickler
+        raise ValueError(
+            f"--weights {weights}: not a torch state_dict file ({type(err).__name__}: {_first_line(err)}); "
+            "give a file written by torch.save(model.state_dict(), path)"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -197,6 +222,16 @@ def load_weights(model: nn.Module, weights: str | Path) -> None:
     problems = [f"{len(keys)} {what} keys ({_some(keys)})" for what, keys in found.items() if keys]
     if problems:
         raise ValueError(f"--weights {weights} does not fit this model: {', '.join(problems)}")
+
+
+def existing_file(path: str | Path, option: str) -> Path:
+    """``path`` if it is a file; an error naming ``option`` and what is there instead."""
+    found = Path(path)
+    if found.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder: give one file")
+    if not found.is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    return found
 
 
 def _some(keys: list[str], n: int = 3) -> str:
@@ -288,11 +323,38 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     return torch.randn(batch_size, *input_size(model))
 
 
+def takes_text(model: nn.Module) -> bool:
+    """Does the model take token ids (a transformers config with a vocabulary and no image size)?"""
+    config = getattr(model, "config", None)
+    return isinstance(getattr(config, "vocab_size", None), int) and not hasattr(config, "image_size")
+
+
+def check_takes_images(model: nn.Module, spec: str, size: int | None) -> None:
+    """Refuse, before any trace, image input the model cannot take: a text model, or an
+    ``--image-size`` the model refuses (one forward of a blank image: cheaper than a trace)."""
+    if takes_text(model):
+        raise ValueError(
+            f"{spec} is a text model (it takes token ids), but the input is images: give text --data "
+            "(a .txt, .jsonl or .parquet file, or synthetic-text:N)"
+        )
+    channels, height, width = input_size(model)
+    if size is None or (size, size) == (height, width):
+        return
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, channels, size, size))
+    except Exception as err:
+        raise ValueError(
+            f"--image-size {size}: {spec} does not take {size}x{size} images ({_first_line(err)}); "
+            f"leave --image-size out for its {height}x{width}"
+        ) from err
+
+
 def example_call(model: nn.Module, batch_size: int = 2) -> Any:
     """Example inputs for tracing by running: token ids for a language model (a
     ``config.vocab_size``), an image batch otherwise (see ``capture(example_inputs=)``)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and not hasattr(model.config, "image_size"):
+    if takes_text(model):
+        vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (batch_size, 16), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return example_input(model, batch_size)

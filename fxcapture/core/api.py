@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from .build import choose_trace
 from .extractor import Extractor
 from .records import NameInfo
-from .select import Names, match, unknown_selector_error
-from .spec import CaptureSpec, as_call, as_module, check_concrete_args, check_leaf_paths
+from .select import Names, check_module_paths, match, unknown_selector_error
+from .spec import CaptureSpec, as_call, as_module, check_concrete_args, check_example_inputs, check_leaf_paths
 
 
 def capture(
@@ -74,7 +74,8 @@ def capture(
         >>> feats["layer4"].shape
         torch.Size([2, 512, 7, 7])
     """
-    model = as_module(model)
+    model = as_module(model, "capture")
+    check_example_inputs(example_inputs)
     spec = CaptureSpec(
         names,
         leaf_modules=leaf_modules,
@@ -87,6 +88,9 @@ def capture(
     )
     check_concrete_args(model, spec)
     check_leaf_paths(model, spec)
+    check_module_paths(names, model)  # before any trace: a misspelled path fails at once
+    if isinstance(edit, Mapping):
+        check_module_paths(list(edit), model)
     return Extractor(model, spec, example_inputs)
 
 
@@ -150,12 +154,15 @@ def list_names(
         key                  kind   module         op
         ...
     """
-    model = as_module(model)
+    model = as_module(model, "list_names")
+    check_example_inputs(example_inputs)
     spec = CaptureSpec(() if pattern is None else pattern, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, concrete_args=concrete_args,
                        attention=attention)  # fmt: skip
     check_concrete_args(model, spec)
     check_leaf_paths(model, spec)
+    if pattern is not None:
+        check_module_paths(pattern, model, how_to_list)
     example = as_call(example_inputs) if example_inputs is not None else None
     trace = choose_trace(model, spec.replace(names=()), example)
     if trace is None:

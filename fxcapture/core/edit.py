@@ -76,6 +76,12 @@ def _check_structure(new: Any, value: Any, key: str) -> None:
             f"{key!r} is a {type(value).__name__} of {len(value)}, so its edit must return "
             f"a tuple or list of {len(value)} too, got {type(new).__name__}."
         )
+    if isinstance(value, torch.Tensor) and isinstance(new, torch.Tensor) and new.shape != value.shape:
+        raise ValueError(
+            f"the edit of {key!r} changed its shape from {tuple(value.shape)} to {tuple(new.shape)}: "
+            "the layers after it expect the original shape, so return a value of that shape "
+            "(e.g. zero entries with a mask instead of dropping them)."
+        )
     if isinstance(value, dict) and not (isinstance(new, dict) and set(new) >= set(value)):
         raise ValueError(
             f"{key!r} is a dict with keys {sorted(value)}, so its edit must return a dict "

@@ -38,6 +38,21 @@ _GLOB_CHARS = set("*?[")
 _ATTENTION_WORDS = ("attn", "attention")
 
 
+class UnknownSelectorError(ValueError):
+    """A selector that selects nothing; ``.selector`` is the selector.
+
+    Example::
+
+        >>> try: capture(resnet18(), "layr4")
+        ... except UnknownSelectorError as err: err.selector
+        'layr4'
+    """
+
+    def __init__(self, selector: Any, message: str) -> None:
+        super().__init__(message)
+        self.selector = selector
+
+
 class SelectorPairs(list):
     """An already split ``[(alias, selector)]`` list (see :func:`selector_pairs`)."""
 
@@ -184,10 +199,63 @@ def _attention_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module |
     )
 
 
+def _module_path(selector: Any) -> str | None:
+    """The module path an exact selector names (``"blocks.0"``, ``"layer1.0.relu@1"``);
+    ``None`` for locals, graph nodes, globs, bare names and predicates."""
+    if not isinstance(selector, str) or is_glob(selector) or any(c in selector for c in ":%"):
+        return None
+    path = selector.partition("@")[0]
+    return path if "." in path else None
+
+
+def _prefix_hint(path: str, modules: Mapping[str, Any]) -> str:
+    """The module ``path`` meant when it carries a prefix the model lacks (``transformer.h.1``
+    on a base model: ``h.1``) or lacks one it has (``h.1`` on a model with a head)."""
+    parts = path.split(".")
+    dropped = [".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in modules]
+    added = sorted((m for m in modules if m.endswith("." + path)), key=len)
+    close = (dropped + added)[:3]
+    if not close:
+        return ""
+    return f" Did you mean {', '.join(map(repr, close))}? (the same module under another prefix)"
+
+
+def check_module_paths(names: Names, root: torch.nn.Module, how_to_list: str | None = None) -> None:
+    """Refuse, before any trace, an exact module path that is not a submodule of ``root``
+    (a misspelling, a prefix of another model class): the cheap half of selection.
+
+    Example::
+
+        >>> check_module_paths(["layer4", "layr1.0"], resnet18())
+        ValueError: 'layr1.0' is not a module of ResNet. Did you mean 'layer1.0'? ...
+    """
+    modules = dict(root.named_modules(remove_duplicate=False))
+    for _, selector in selector_pairs(names):
+        path = _module_path(selector)
+        if path is None or path in modules:
+            continue
+        hint = _prefix_hint(path, modules)
+        owner, _, attr = path.rpartition(".")
+        if not hint and owner in modules and attr in dict(modules[owner].named_parameters(recurse=False)) | dict(
+            modules[owner].named_buffers(recurse=False)
+        ):
+            hint = f" It is a tensor the model holds, not one it computes: capture the module {owner!r}."
+        if not hint:
+            close = difflib.get_close_matches(path, list(modules), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownSelectorError(
+            selector,
+            f"{selector!r} is not a module of {type(root).__name__}.{hint} Use "
+            f"{how_to_list or HOW_TO_LIST.get()} to list every capturable name.",
+        )
+
+
 def _path_hint(selector: str, catalogue: Catalogue, root: torch.nn.Module, leaves) -> str:
     """Why a module path in ``selector`` gives nothing: inside a leaf, or did not run."""
     path = selector.partition(":")[0].partition("@")[0]
     modules = dict(root.named_modules())
+    if path and path not in modules and "." in path:
+        return _prefix_hint(path, modules)
     inside = [leaf for leaf in leaves if leaf and path.startswith(leaf + ".")]
     if inside:
         leaf = modules.get(inside[0])
@@ -225,14 +293,15 @@ def unknown_selector_error(
     root: torch.nn.Module | None = None,
     leaves: set[str] = frozenset(),
     how_to_list: str | None = None,
-) -> ValueError:
-    """A ``ValueError`` saying why ``selector`` selects nothing, with close keys.
+) -> "UnknownSelectorError":
+    """An :class:`UnknownSelectorError` saying why ``selector`` selects nothing, with close keys.
 
     ``how_to_list`` defaults to :data:`HOW_TO_LIST` (``fxcapture.list_names(model)``).
     """
     how_to_list = how_to_list or HOW_TO_LIST.get()
     if callable(selector):
-        return ValueError(
+        return UnknownSelectorError(
+            selector,
             f"the predicate {selector!r} selected no value; "
             f"use {how_to_list} to see what there is."
         )
@@ -248,7 +317,8 @@ def unknown_selector_error(
     close = difflib.get_close_matches(selector, sorted(candidates), n=5, cutoff=0.6)
     suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     what = "matches nothing" if is_glob(selector) else "is not a capturable name"
-    return ValueError(
+    return UnknownSelectorError(
+        selector,
         f"{selector!r} {what}.{hint}{suggestion} "
         f"Use {how_to_list} to list all {len(catalogue)} names "
         "(module paths, 'module:local' variables and '%node' graph nodes)."

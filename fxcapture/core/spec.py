@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import re
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .._util.tree import leaves
 from .attention import check_mode
 from .select import PROBS_NAMES, Names, glob_match, is_glob, selector_pairs
 
@@ -137,13 +139,31 @@ class FunctionModule(torch.nn.Module):
         return self.fn(*args, **kwargs)
 
 
-def as_module(model: Any) -> torch.nn.Module:
-    """``model`` itself, or a :class:`FunctionModule` holding a plain function."""
+def as_module(model: Any, caller: str = "capture") -> torch.nn.Module:
+    """``model`` itself, or a :class:`FunctionModule` holding a plain function; a clear
+    ``TypeError`` (naming ``caller``) for a class, a name or a path, or anything else.
+
+    Example::
+
+        >>> as_module(torchvision.models.resnet18, "extract")   # the constructor, not a model
+        TypeError: extract() got the function resnet18, which builds a model ...
+    """
     if isinstance(model, torch.nn.Module):
         return model
+    if isinstance(model, type):
+        raise TypeError(
+            f"{caller}() got the class {model.__name__}, not a model: build one first, "
+            f"e.g. {caller}({model.__name__}(...), ...)"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"{caller}() got the {type(model).__name__} {str(model)!r}, not a model: build the model "
+            "in Python first (torchvision.models.resnet18(), transformers.AutoModel.from_pretrained(path)); "
+            "the command line builds models by name (fxcapture extract --model torchvision:resnet18)"
+        )
     if callable(model):
         return FunctionModule(model)
-    raise TypeError(f"capture() needs an nn.Module or a function, got {type(model).__name__}")
+    raise TypeError(f"{caller}() needs an nn.Module or a function, got {type(model).__name__}")
 
 
 def as_call(example_inputs: Any) -> tuple[tuple, dict]:
@@ -154,6 +174,18 @@ def as_call(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     return (example_inputs,), {}
+
+
+def check_example_inputs(example_inputs: Any) -> None:
+    """``example_inputs`` must hold a tensor: one tensor, a tuple of arguments or a dict of
+    keyword arguments (a string, a number or a numpy array is refused by name)."""
+    if example_inputs is None or leaves(example_inputs):
+        return
+    hint = ", convert it with torch.from_numpy" if type(example_inputs).__module__ == "numpy" else ""
+    raise CaptureError(
+        f"example_inputs holds no tensor (got {type(example_inputs).__name__}{hint}): give one tensor, a "
+        "tuple of positional arguments (x,) or a dict of keyword arguments {'input_ids': ids}"
+    )
 
 
 def forward_function(model: torch.nn.Module) -> Callable:

@@ -164,6 +164,52 @@ def check_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
+def check_output_folder(out: Any, what: str = "out") -> Path:
+    """``out`` as a ``Path`` once it can be an output folder: a folder, or a path that can be
+    made one (its nearest existing parent a writable folder on a writable file system).
+    Cheap, so it runs before any model or data is touched; errors name the path and the fix.
+    ``what`` names the argument: ``"out"`` (Python) or ``"--out"`` (the command line).
+
+    Example::
+
+        >>> check_output_folder("/etc/passwd")
+        FileExistsError: out='/etc/passwd' is a file, not a folder: choose a new or empty folder
+    """
+    if out is None or not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise TypeError(f"{what}={out!r}: give the output folder as a path, e.g. {what}='features/'")
+    path = Path(out)
+    label = f"{what} {path}" if what.startswith("-") else f"{what}={str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{label} is a file, not a folder: choose a new or empty folder")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WriteError(errno.ENOTDIR, f"cannot create {label}: {parent} is a file, not a folder")
+    if getattr(os, "ST_RDONLY", 0) and os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise WriteError(errno.EROFS, f"cannot write {label}: {parent} is on a read-only file system")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WriteError(errno.EACCES, f"cannot write {label}: permission denied in {parent}; choose another folder")
+    if parent != path:  # try the first folder to make (some file systems refuse what access() allows)
+        probe = parent / path.relative_to(parent).parts[0]
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as err:
+            cause = os.strerror(err.errno).lower() if err.errno else str(err)
+            raise WriteError(err.errno or errno.EIO, f"cannot create {label}: making {probe} failed: {cause}") from None
+    return path
+
+
+def check_output_file(path: Any, what: str) -> Path:
+    """``path`` as a ``Path`` once a file can be written there (not a folder; its folder
+    writable or creatable, see :func:`check_output_folder`)."""
+    found = Path(check_output_folder(Path(path).parent, what).joinpath(Path(path).name))
+    if found.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder: give a file name, e.g. {Path(path) / 'out.svg'}")
+    return found
+
+
 def write_error(path: Path, err: OSError, needed: int | None = None) -> WriteError:
     """A ``WriteError`` naming ``path`` and the cause in words."""
     if isinstance(err, WriteError):

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from .._util.tree import leaves
+from .sources import DataError
 
 _SAMPLED_ITEMS = 8  # items of a dataset hashed for its fingerprint
 _CHECKSUM_COLUMNS = 4096  # columns of a tensor's integer view summed for its checksum
@@ -132,7 +133,11 @@ def _value_hash(value: Any, h: Any) -> None:
 
 def _item_hash(dataset: Any, i: int) -> str:
     h = hashlib.sha256()
-    _value_hash(dataset[i], h)
+    try:
+        item = dataset[i]
+    except Exception as err:
+        raise DataError(f"dataset[{i}] (read for the data's fingerprint) raised {type(err).__name__}: {err}") from err
+    _value_hash(item, h)
     return h.hexdigest()
 
 
@@ -145,17 +150,26 @@ def _files(dataset: Any) -> list | None:
     return None
 
 
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """The identity of a map-style dataset: its length, a hash of a few items' tensors (one
+def sampled_items(n: int) -> list[int]:
+    """The items of an ``n``-item dataset that its fingerprint hashes: 8 spread evenly, first and last."""
+    k = min(n, _SAMPLED_ITEMS)
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+
+
+def data_fingerprint(dataset: Any, every_item: bool = False) -> dict[str, Any]:
+    """The identity of a map-style dataset: its length, a hash of a few items' tensors
+    (:func:`sampled_items`; ``every_item``: all of them, marked ``"hashed": "all"``; one item
     read twice: a random transform makes it :data:`NOT_REPRODUCIBLE`), and for a folder
     dataset the paths, sizes and modification times of its files."""
     n = len(dataset)
     h = hashlib.sha256()
-    picks = sorted({round(i * (n - 1) / max(1, _SAMPLED_ITEMS - 1)) for i in range(min(n, _SAMPLED_ITEMS))})
+    picks = list(range(n)) if every_item else sampled_items(n)
     hashes = [_item_hash(dataset, i) for i in picks]
     for item in hashes:
         h.update(item.encode())
     found: dict[str, Any] = {"type": type(dataset).__qualname__, "items": n, "content": h.hexdigest()[:16]}
+    if every_item:
+        found["hashed"] = "all"
     if picks and _item_hash(dataset, picks[-1]) != hashes[-1]:  # a random transform: new rows at every read
         found["content"] = NOT_REPRODUCIBLE
     files = _files(dataset)

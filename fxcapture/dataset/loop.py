@@ -149,9 +149,7 @@ class Loop:
         if self.todo_rows and not any(isinstance(v, Ragged) for v in values.values()):
             needed = int(self.todo_rows * row_bytes * 1.01) + (64 << 10)
             check_space(self.out, needed, f"the {self.todo_rows} rows to compute ({human_bytes(row_bytes)} a row)")
-        if self.chunk_size is not None:
-            if self.chunk_size < 1:
-                raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None:  # checked by extract before any work
             rows = self.chunk_size
         else:
             rows = max(1, int(CHUNK_BYTES // row_bytes))

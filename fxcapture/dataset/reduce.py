@@ -65,7 +65,10 @@ def _over_positions(x: torch.Tensor, op: Callable[..., torch.Tensor]) -> torch.T
 
 def _needs_tokens(x: torch.Tensor, name: str) -> None:
     if x.ndim != 3:
-        raise ValueError(f"{name!r} picks tokens of a (batch, tokens, dim) value, got shape {tuple(x.shape)}")
+        other = "'mean', 'max' or 'flatten'" + (" (a feature map has no tokens)" if x.ndim >= 4 else "")
+        raise ValueError(
+            f"{name!r} picks tokens of a (batch, tokens, dim) value, got shape {tuple(x.shape)}: use {other}"
+        )
 
 
 def reduce_mean(x: Any, mask: Mask = None) -> torch.Tensor:
@@ -100,16 +103,21 @@ def _pick(x: torch.Tensor, m: torch.Tensor, last: bool) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
-def reduce_first(x: Any, mask: Mask = None) -> torch.Tensor:
-    """The first real token of ``(B, N, C)`` (``x[:, 0]`` without a mask): BERT's ``[CLS]``,
-    left padding included."""
+def _first(x: Any, mask: Mask, name: str) -> torch.Tensor:
     x = _tensor(x)
-    _needs_tokens(x, "first")
+    _needs_tokens(x, name)
     m = _token_mask(x, mask)
     return x[:, 0] if m is None else _pick(x, m, last=False)
 
 
-reduce_cls = reduce_first
+def reduce_first(x: Any, mask: Mask = None) -> torch.Tensor:
+    """The first real token of ``(B, N, C)`` (``x[:, 0]`` without a mask), left padding included."""
+    return _first(x, mask, "first")
+
+
+def reduce_cls(x: Any, mask: Mask = None) -> torch.Tensor:
+    """The first real token, by its transformer name: BERT's and ViT's ``[CLS]``."""
+    return _first(x, mask, "cls")
 
 
 def reduce_last(x: Any, mask: Mask = None) -> torch.Tensor:
@@ -249,7 +257,7 @@ def apply_reducer(
     if isinstance(value, Ragged):
         if value.samples != rows:
             raise ValueError(f"{key!r} was reduced to {value.samples} samples for a batch of {rows} rows")
-        return Ragged(_cast(value.values, dtype), value.lengths)
+        return Ragged(_cast(key, value.values, dtype), value.lengths)
     if not isinstance(value, torch.Tensor):
         raise ValueError(
             f"{key!r} is a {type(value).__name__}, not a tensor: pass reduce={{{key!r}: fn}} with a "
@@ -260,12 +268,29 @@ def apply_reducer(
             f"{key!r} has shape {tuple(value.shape)}, whose first dimension is not the batch "
             f"({rows} rows); pass reduce={{{key!r}: fn}} returning a (batch, ...) tensor"
         )
-    return _cast(value, dtype)
+    return _cast(key, value, dtype)
 
 
-def _cast(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None and value.is_floating_point():
+        if torch.finfo(dtype).max < torch.finfo(value.dtype).max:
+            _check_range(key, value, dtype)
         value = value.to(dtype)
     if value.dtype == torch.bfloat16 and dtype != torch.bfloat16:  # numpy has no bfloat16
         value = value.float()
     return value
+
+
+def _check_range(key: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """A finite value beyond ``dtype``'s range would be stored as ``inf``: refuse it by name.
+    (One scalar read per key and batch, only when storing in a narrower range: float16.)"""
+    if value.numel() == 0:
+        return
+    largest = torch.where(value.isfinite(), value.abs(), 0).amax()
+    limit = torch.finfo(dtype).max
+    if largest > limit:
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{key!r} has values up to {largest.item():.6g}, beyond {name}'s largest {limit:.6g}: "
+            f"dtype={name!r} would store them as inf; store it as 'bfloat16' (float32's range) or 'float32'"
+        )

@@ -37,7 +37,10 @@ import torch
 
 from .._version import __version__
 from ..core.api import capture
+from ..core.select import check_module_paths
+from ..core.spec import as_module
 from .distributed import Group
+from .files import check_output_folder
 from .identity import (
     NOT_REPRODUCIBLE,
     data_fingerprint,
@@ -45,6 +48,7 @@ from .identity import (
     iterable_fingerprint,
     model_fingerprint,
     not_resumable,
+    sampled_items,
 )
 from .lock import OutputLock
 from .loop import Loop, autocast_context
@@ -89,6 +93,27 @@ def _check_names(names: Any) -> None:
         raise ValueError(f"names={names!r} selects nothing: give what to store, e.g. names=['layer4']")
 
 
+def _check_data(data: Any) -> None:
+    """A path is not data: say how to make a dataset of the files there."""
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError(
+            f"data={str(data)!r} is a path, not data: give a Dataset, a DataLoader or a tensor, e.g. "
+            f"torchvision.datasets.ImageFolder({str(data)!r}, transform) for a folder of images, or "
+            "fxcapture.dataset.text.TextDataset(texts, tokenizer) for text (the command line reads "
+            "folders and files itself: fxcapture extract --data PATH)"
+        )
+
+
+def _check_sizes(batch_size: Any, chunk_size: Any, num_workers: Any) -> None:
+    for name, value, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1),
+                             ("num_workers", num_workers, 0)):  # fmt: skip
+        if value is None and name == "chunk_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            what = "a positive number" if low else "a number >= 0"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def extract(
     model: torch.nn.Module,
     names: Any,
@@ -115,6 +140,7 @@ def extract(
     identity: Mapping[str, Any] | None = None,
     flush_seconds: float = 30.0,
     log_seconds: float = 30.0,
+    verify_data: bool = False,
 ) -> Features:
     """Run ``data`` through ``model`` and store the values ``names`` selects under ``out``.
 
@@ -153,6 +179,9 @@ def extract(
         identity: anything else that changes the rows (CLI options, transforms):
             another identity in ``out`` is refused without ``overwrite``.
         flush_seconds: a partial chunk whose first row waited this long is written.
+        verify_data: recognise a map-style dataset by a hash of every item, not only of
+            its length and 8 items spread over it (what a finished or resumed output
+            says it compared): costs one read of the whole dataset.
 
     Returns:
         ``fxcapture.load(out)``: lazily mapped columns, rows in dataset order.
@@ -169,8 +198,13 @@ def extract(
         >>> feats["cls"].shape
         (10000, 768)
     """
-    out = Path(out)
+    # cheap checks first: nothing is traced, loaded or hashed before the arguments hold
+    model = as_module(model, "extract")
+    out = check_output_folder(out)
     _check_names(names)
+    _check_data(data)
+    _check_sizes(batch_size, chunk_size, num_workers)
+    check_module_paths(names, model)
     device = _device(device, model)
     store_dtype = _dtype(dtype)
     autocast_context(device, autocast)  # checks the argument before any work
@@ -190,7 +224,7 @@ def extract(
                 f"shard; got {type(data).__name__}"
             )
         reason = not_resumable(data)
-        data_identity = _data_identity(data, source, reason)
+        data_identity = _data_identity(data, source, reason, verify_data)
         if isinstance(data_identity, dict) and data_identity.get("content") == NOT_REPRODUCIBLE:
             reason = "the dataset gives other values each time an item is read (a random transform?)"
         config = {
@@ -222,12 +256,12 @@ def extract(
         if state == "finished":
             if group.primary:
                 say(f"{out} is already complete ({config['rows'] or 'all'} rows); nothing to do "
-                              "(overwrite=True / --overwrite computes it again)")  # fmt: skip
+                    f"(overwrite=True / --overwrite computes it again). {_recognised(data_identity)}")
             return load(out)
         run, total = _run(model, extractor, out, device, group, source, data, dict(
             reduce=reduce, output=bool(output), dtype=store_dtype, autocast=autocast, chunk_size=chunk_size,
             max_pending=max_pending, max_tokens=max_tokens, flush_seconds=flush_seconds),
-            inputs, progress, log_seconds)  # fmt: skip
+            inputs, progress, log_seconds, _recognised(data_identity))  # fmt: skip
         group.barrier()
         if group.primary:
             if total == 0:
@@ -245,19 +279,33 @@ def extract(
         group.close()
 
 
-def _data_identity(data: Any, source: Any, reason: str | None) -> Any:
+def _data_identity(data: Any, source: Any, reason: str | None, verify_data: bool = False) -> Any:
     """A content fingerprint of the data (see :mod:`.identity`); a marker when it has none."""
     dataset = getattr(source, "dataset", None)
     if dataset is not None:
-        return data_fingerprint(dataset)
+        return data_fingerprint(dataset, every_item=verify_data)
     if reason:
         return f"not reproducible: {reason}"
     return iterable_fingerprint(data) or describe(type(data))
 
 
+def _recognised(identity: Any) -> str:
+    """How the data was recognised as the output's, in words (what was compared)."""
+    if not isinstance(identity, dict) or "items" not in identity:
+        return f"The data was recognised by {identity!r}."
+    if identity.get("hashed") == "all":
+        return f"The data was recognised by a hash of every one of its {identity['items']} items."
+    return (
+        f"The data was recognised by its length ({identity['items']}) and a hash of items "
+        f"{sampled_items(identity['items'])} only: verify_data=True hashes every item."
+    )
+
+
 def _run(model: torch.nn.Module, extractor: torch.nn.Module, out: Path, device: torch.device, group: Group,
-         source: Any, data: Any, options: dict, inputs: Any, show: Any, log_seconds: float) -> tuple[Loop, int]:  # fmt: skip
-    """Compute the rows no complete chunk holds; ``(loop, total rows of the output)``."""
+         source: Any, data: Any, options: dict, inputs: Any, show: Any, log_seconds: float,
+         recognised: str) -> tuple[Loop, int]:  # fmt: skip
+    """Compute the rows no complete chunk holds; ``(loop, total rows of the output)``. A
+    resumed run says so: rows kept, rows left, and how the data was ``recognised``."""
     previous = {m: m.training for m in model.modules()}
     model.to(device)
     extractor.eval()
@@ -276,6 +324,10 @@ def _run(model: torch.nn.Module, extractor: torch.nn.Module, out: Path, device: 
             ranges = [(skip, source.total)] if source.total is not None and skip < source.total else []
             batches = source.batches(ranges if source.total is not None else skip, inputs, seen)
             todo_rows = source.total - skip if source.total is not None and options["max_tokens"] is None else None
+        kept = sum(c.stop - c.start for c in complete_chunks(out)) if not by_prefix else skip
+        if kept and group.primary:
+            left = "" if todo_rows is None else f", {todo_rows} left"
+            say(f"resuming {out}: {kept} rows kept from complete chunks{left}. {recognised}")
         desc = f"extract (rank 0 of {group.world_size})" if group.world_size > 1 else "extract"
         bar = progress(show, todo_rows, desc, log_seconds) if group.primary else NoProgress()
         loop = Loop(extractor, out, device, bar=bar, tokens_before=tokens, todo_rows=todo_rows, **options)
@@ -283,6 +335,7 @@ def _run(model: torch.nn.Module, extractor: torch.nn.Module, out: Path, device: 
         try:
             loop(batches)
         finally:
+            batches.close()  # now, not when a traceback lets go: DataLoader workers shut down
             bar.close()
         loop.seconds = time.perf_counter() - started
     finally:

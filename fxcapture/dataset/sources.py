@@ -26,6 +26,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from .._util.tree import first_leaf, tree_map
 
 
+class DataError(ValueError):
+    """Reading the data failed; the message names the dataset item (index, batch, rows)."""
+
+
 def _model_inputs(batch: Any, inputs: Callable | None) -> tuple[tuple, dict]:
     """``(args, kwargs)`` for the model: a tensor is the input, a tuple/list's first item
     is (labels are ignored), a dict gives keyword arguments; ``inputs(batch)`` overrides."""
@@ -88,7 +92,7 @@ class _DatasetSource:
             loader = DataLoader(subset, batch_size=self.batch_size, shuffle=False, drop_last=False,
                                 **self.loader_kwargs)  # fmt: skip
             row = lo
-            for batch in loader:
+            for batch in self._load(loader, lo, hi):
                 args, kwargs = _model_inputs(batch, inputs)
                 n = _rows(args, kwargs)
                 yield Batch(row, n, args, kwargs)
@@ -97,6 +101,33 @@ class _DatasetSource:
                 raise ValueError(
                     f"rows {lo}-{hi} of the dataset gave {row - lo} rows: the collate function changes row counts"
                 )
+
+
+    def _load(self, loader: DataLoader, lo: int, hi: int) -> Iterator[Any]:
+        """The loader's batches; a failure names the dataset item that raised (read again
+        here, in this process: a worker's error comes back as traceback text)."""
+        batches = iter(loader)
+        for row in range(lo, hi, self.batch_size):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:
+                raise self._item_error(err, row, min(row + self.batch_size, hi)) from err
+            yield batch
+
+    def _item_error(self, err: Exception, start: int, stop: int) -> "DataError":
+        where = f"batch {start // self.batch_size}, rows {start}-{stop - 1}"
+        for i in range(start, stop):
+            try:
+                self.dataset[i]
+            except Exception as item_err:
+                return DataError(f"dataset[{i}] ({where}) raised {type(item_err).__name__}: {item_err}")
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        return DataError(
+            f"loading {where} failed ({type(err).__name__}: {cause}), though each of its items loads alone: "
+            "the collate_fn or a DataLoader worker failed"
+        )
 
 
 class _IterableSource:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import operator
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -73,6 +74,11 @@ class _Part:
         return array
 
 
+def _is_bool_scalar(index: Any) -> bool:
+    return isinstance(index, (bool, np.bool_)) or (isinstance(index, np.ndarray) and index.ndim == 0
+                                                   and index.dtype == bool)  # fmt: skip
+
+
 class Column:
     """One key of an output: its chunks as one read-only array-like over rows."""
 
@@ -110,31 +116,57 @@ class Column:
         name = type(self).__name__
         return f"{name}({self.key!r}, shape={self.shape}, dtype={self.stored_dtype}, chunks={len(self.parts)})"
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.array(col)`` / ``np.asarray(col)``: every row, as a new writable array
+        (the chunks are read-only maps of files; numpy users expect an array they own)."""
+        if copy is False:
+            raise ValueError(
+                f"{self.key!r} lives in its chunk files: an array of it is always a copy "
+                "(use np.asarray(col) or np.array(col); col[a:b] reads rows without one)"
+            )
+        values = self[:]
+        if type(values) is np.ndarray and values.flags.owndata and values.flags.writeable:
+            return values if dtype is None else values.astype(dtype, copy=False)  # read already
+        return np.array(values, dtype=dtype, copy=True)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
             yield self[i]
 
+    def sample(self, i: int) -> np.ndarray:
+        """Only per-token keys have samples of several rows (:meth:`TokenColumn.sample`)."""
+        raise TypeError(
+            f"{self.key!r} holds one row per sample (a reduced key): sample {i} is col[{i}]; "
+            ".sample(i) gives the tokens of a per-token key (reduce='tokens')"
+        )
+
     def __getitem__(self, index: Any) -> np.ndarray:
+        """Rows as numpy indexes them: an integer (a row), a slice, an integer array, a
+        boolean mask, ``None`` or a boolean scalar (a new first axis); floats raise."""
         if isinstance(index, tuple):
             first, rest = (index[0] if index else slice(None)), index[1:]
-            if first is Ellipsis:
+            if first is Ellipsis or first is None or _is_bool_scalar(first):
                 return self[:][index]
             got = self[first]
             scalar = not isinstance(first, slice) and np.ndim(first) == 0
             return got[rest] if scalar else got[(slice(None), *rest)]
         if index is Ellipsis:
             return self[:]
+        if index is None or _is_bool_scalar(index):  # numpy: a new axis (of 1 or 0 rows)
+            return self[:][index]
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             if step != 1:
                 return self[np.arange(start, stop, step)]
             return self._convert(self._range(start, max(start, stop)))
         if np.ndim(index) == 0:
-            i = int(index)
+            try:
+                i = operator.index(index)
+            except TypeError:
+                raise IndexError(
+                    f"rows of {self.key!r} are indexed by integers, slices, integer arrays or boolean "
+                    f"masks (as in numpy), not by {type(index).__name__} {index!r}"
+                ) from None
             if not -len(self) <= i < len(self):
                 raise IndexError(f"row {i} out of range for {self.key!r} with {len(self)} rows")
             i %= len(self)
@@ -365,6 +397,12 @@ def _columns_v2(out: Path, manifest: dict[str, Any], **kw: Any) -> dict[str, Col
     offsets: dict[str, list[_Part]] = {k: [] for k in manifest["arrays"]}
     starts = {k: 0 for k in manifest["arrays"]}
     row = 0
+    if not real_dir(out / CHUNKS):
+        how = "a link" if (out / CHUNKS).is_symlink() else "not a folder"
+        raise ValueError(
+            f"{out / CHUNKS} is {how}: fxcapture reads an output only inside {out} (never through a "
+            "link); move the chunks folder itself there"
+        )
     for chunk in manifest["chunks"]:
         name = str(chunk.get("dir"))
         if not CHUNK_RE.match(name) or not real_dir(out / CHUNKS / name):
