@@ -10,26 +10,27 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Hashable
 
 import networkx as nx
 
 from .graph import leftovers
+from .layout import layout
 from .viz import _figure, _save
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-
-def _layers(g: nx.DiGraph) -> dict[Any, int]:
-    """Longest-path depth of every node from the inputs, along edges that go forward in
-    execution order (a module called twice makes cycles in the module view)."""
-    order = {n: d.get("order", i) for i, (n, d) in enumerate(g.nodes(data=True))}
-    depth: dict[Any, int] = {}
-    for node in sorted(g, key=order.__getitem__):
-        earlier = [p for p in g.predecessors(node) if order[p] < order[node]]
-        depth[node] = max((depth[p] + 1 for p in earlier), default=0)
-    return depth
+_FONT = 7  # points, node labels
+_PAD = (0.07, 0.045)  # inches between a label and its box, across and down
+_MARGIN, _HEADER = 0.25, 0.75  # inches around the graph, above it for title and legend
+_COLOURS = {  # fill, edge
+    "captured": ("#f6c1bc", "#b8332a"),
+    "module": ("#d7e7f5", "#4a6f8a"),
+    "op": ("#fbf0d2", "#9a7b2f"),
+    "io": ("#e8e8e8", "#707070"),
+}
+_LEGEND = {"captured": "captured", "module": "module call", "op": "function / method", "io": "input / output"}
 
 
 def _short(text: str, width: int = 30) -> str:
@@ -37,20 +38,48 @@ def _short(text: str, width: int = 30) -> str:
 
 
 def _label(node: str, data: dict, module_level: bool) -> str:
-    """Module view: the module path, plus what was captured inside it when that is not the
-    module itself; op view: the selected key of a captured op, else the local or module
-    output it holds."""
+    """Module view: the module call, what its own ops do (``layer1.0 · iadd``: the
+    residual sum of a block) and what was captured inside it when that is not the
+    module itself; op view: the selected key of a captured op, else the local or
+    module output it holds, else the op. The shape goes on the last line."""
     keys = [k for k in data.get("captured_as", "").split(", ") if k]
     if module_level:
-        name = _short(node)
-        inside = [k for k in keys if k.partition("@")[0] != node]
+        name = _short(node.partition(":%")[0])  # a call's later run shows as the call
+        targets = [t for t in data.get("targets", "").split(", ") if t]
+        if targets:
+            name += " · " + (", ".join(targets) if len(targets) <= 2 else f"{data['ops']} ops")
+        inside = [k for k in keys if k.partition("@")[0] != data.get("module", node)]
         if inside and len(inside) == len(keys):
             name += f"\n[{_short(inside[0], 26)}" + (f" +{len(inside) - 1}]" if len(inside) > 1 else "]")
     elif keys:
         name = _short(keys[0]) + (f" (+{len(keys) - 1})" if len(keys) > 1 else "")
     else:
         name = _short((data.get("locals") or data.get("module_output") or node).split(", ")[0])
+        if data.get("op") in ("call_function", "call_method"):
+            name += f" · {data['target']}" if name != node else ""
     return f"{name}\n{data['shape']}" if data.get("shape") else name
+
+
+def _style(data: dict, module_level: bool) -> str:
+    if data.get("captured"):
+        return "captured"
+    kind = data.get("kind") if module_level else {"call_module": "module", "placeholder": "input",
+                                                    "output": "output"}.get(data.get("op"), "op")  # fmt: skip
+    return "io" if kind in ("input", "output") else kind
+
+
+def _text_sizes(labels: dict[Hashable, str], dpi: int) -> dict[Hashable, tuple[float, float]]:
+    """{node: (width, height)} of its label's box, in inches, as matplotlib renders it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional dependency
+    from matplotlib.figure import Figure
+
+    scratch = Figure(dpi=dpi)
+    renderer = FigureCanvasAgg(scratch).get_renderer()
+    sizes = {}
+    for node, label in labels.items():
+        box = scratch.text(0, 0, label, fontsize=_FONT, ha="center", va="center").get_window_extent(renderer)
+        sizes[node] = (box.width / dpi + 2 * _PAD[0], box.height / dpi + 2 * _PAD[1])
+    return sizes
 
 
 def draw(
@@ -59,12 +88,14 @@ def draw(
     title: str | None = None,
     max_nodes: int = 400,
     dpi: int = 100,
+    engine: str = "auto",
     save: str | Path | None = None,
 ) -> "Figure":
-    """Draw a graph from :func:`to_networkx` or :func:`module_view`, top to bottom.
-
-    Captured nodes are red with their names; the others are small grey dots (a label
-    on every op of a big graph is unreadable: use :func:`module_view` for an overview).
+    """Draw a graph from :func:`to_networkx` or :func:`module_view` in layers along the
+    data flow, inputs at the top: each node a box with its label inside, captured
+    values red. ``engine`` is ``"auto"`` (graphviz's ``dot`` when installed, else a
+    layered layout of fxcapture's own), ``"dot"`` or ``"layered"``
+    (:mod:`fxcapture.inspect.layout`).
 
     Example::
 
@@ -80,46 +111,64 @@ def draw(
         g = g.subgraph([n for n, d in g.nodes(data=True) if d["ops"] or g.degree(n)])
     else:
         g = g.subgraph(set(g) - leftovers(g))
-    depth = _layers(g)
-    for node, d in depth.items():
-        g.nodes[node]["_layer"] = d
-    pos = nx.multipartite_layout(g, subset_key="_layer", align="horizontal", scale=1.0)
-    for node in g:
-        del g.nodes[node]["_layer"]
-    pos = {n: (x, -y) for n, (x, y) in pos.items()}  # inputs at the top
-    n_layers = max(depth.values(), default=0) + 1
-    widest = max(sum(1 for d in depth.values() if d == k) for k in range(n_layers)) if depth else 1
-    fig = _figure(figsize=(min(4 + 1.6 * widest, 30), min(2 + 0.45 * n_layers, 120)), dpi=dpi)
-    ax = fig.subplots()
-    captured = [n for n, d in g.nodes(data=True) if d.get("captured")]
-    others = [n for n in g if n not in set(captured)]
-    plain_size = 260 if module_level else 25
-    sizes = [120 if g.nodes[n].get("captured") else plain_size for n in g]
-    nx.draw_networkx_edges(g, pos, ax=ax, edge_color="#7a7a7a", arrows=True, arrowstyle="-|>",
-                           arrowsize=9, width=0.7, node_size=sizes)  # fmt: skip
-    nx.draw_networkx_nodes(g, pos, nodelist=others, ax=ax, node_color="#a6c8e0", node_size=plain_size,
-                           edgecolors="#4a6f8a", linewidths=0.5)  # fmt: skip
-    nx.draw_networkx_nodes(g, pos, nodelist=captured, ax=ax, node_color="#e0413a", node_size=120,
-                           edgecolors="black", linewidths=1.0)  # fmt: skip
-    labelled = g.nodes if module_level or len(g) <= 150 else captured
-    labels = {n: _label(n, g.nodes[n], module_level) for n in labelled}
-    xs = [x for x, _ in pos.values()]
-    span = (max(xs) - min(xs)) or 1.0
-    label_pos = {n: (x + 0.025 * span, y) for n, (x, y) in pos.items()}  # beside the marker
-    ax.set_xlim(min(xs) - 0.1 * span, max(xs) + 0.4 * span)  # room for the labels
-    nx.draw_networkx_labels(g, label_pos, labels=labels, ax=ax, font_size=7,
-                            horizontalalignment="left", verticalalignment="center")  # fmt: skip
-    from matplotlib.lines import Line2D  # optional dependency, checked by _figure
-
-    ax.legend(handles=[
-        Line2D([], [], marker="o", ls="", color="#e0413a", markeredgecolor="black", label=f"captured ({len(captured)})"),
-        Line2D([], [], marker="o", ls="", color="#a6c8e0", label="module" if module_level else "op"),
-    ], loc="upper right", fontsize=8)  # fmt: skip
+    g = g.subgraph(sorted(g, key=lambda n: g.nodes[n].get("order", 0)))  # execution order
+    labels = {n: _label(n, g.nodes[n], module_level) for n in g}
+    sizes = _text_sizes(labels, dpi)
+    placed = layout(g, sizes, engine=engine)
+    pos = placed.positions
+    x0 = min((pos[n][0] - sizes[n][0] / 2 for n in g), default=0.0)
+    x1 = max((pos[n][0] + sizes[n][0] / 2 for n in g), default=1.0)
+    y0 = min((pos[n][1] - sizes[n][1] / 2 for n in g), default=0.0)
+    y1 = max((pos[n][1] + sizes[n][1] / 2 for n in g), default=1.0)
+    kind = "module calls" if module_level else "ops"
+    title = title or f"{g.graph.get('name', 'model')}: {g.number_of_nodes()} {kind}, data flows downwards"
+    width = max(x1 - x0 + 2 * _MARGIN, 0.1 * len(title) + 1.0, 6.0)  # room for the title
+    height = y1 - y0 + _MARGIN + _HEADER
+    fig = _figure(figsize=(width, height), dpi=dpi)
+    fig.set_layout_engine("none")  # one data unit is one inch: boxes keep their measured sizes
+    ax = fig.add_axes(((width - (x1 - x0)) / 2 / width, _MARGIN / height, (x1 - x0) / width, (y1 - y0) / height))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
     ax.set_axis_off()
-    kind = "modules" if module_level else "ops"
-    fig.suptitle(title or f"{g.graph.get('name', 'model')}: {g.number_of_nodes()} {kind}, data flows downwards")
+    _draw_edges(ax, placed.routes)
+    styles = {n: _style(g.nodes[n], module_level) for n in g}
+    _draw_boxes(ax, pos, sizes, labels, styles)
+    _legend(fig, styles, height)
+    fig.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
     _save(fig, save, dpi)
     return fig
+
+
+def _draw_edges(ax: Any, routes: dict) -> None:
+    from matplotlib.patches import FancyArrowPatch
+    from matplotlib.path import Path as Curve
+
+    for points in routes.values():
+        codes = [Curve.MOVETO] + [Curve.CURVE4] * (len(points) - 1)
+        ax.add_patch(FancyArrowPatch(path=Curve(points, codes), arrowstyle="-|>", mutation_scale=7,
+                                     color="#6b6b6b", linewidth=0.7, clip_on=False, zorder=1))  # fmt: skip
+
+
+def _draw_boxes(ax: Any, pos: dict, sizes: dict, labels: dict, styles: dict) -> None:
+    from matplotlib.patches import FancyBboxPatch
+
+    for node, (x, y) in pos.items():
+        w, h = sizes[node]
+        fill, edge = _COLOURS[styles[node]]
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.04",
+                                    facecolor=fill, edgecolor=edge, linewidth=1.4 if styles[node] == "captured" else 0.6,
+                                    clip_on=False, zorder=2, gid=f"node:{node}"))  # fmt: skip
+        ax.text(x, y, labels[node], ha="center", va="center", fontsize=_FONT, zorder=3, clip_on=False)
+
+
+def _legend(fig: "Figure", styles: dict, height: float) -> None:
+    from matplotlib.patches import Patch
+
+    counts = {style: list(styles.values()).count(style) for style in _LEGEND}
+    handles = [Patch(facecolor=_COLOURS[s][0], edgecolor=_COLOURS[s][1], label=f"{text} ({counts[s]})")
+               for s, text in _LEGEND.items() if counts[s]]  # fmt: skip
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / height), ncols=len(handles),
+               frameon=False, fontsize=8, handlelength=1.2)  # fmt: skip
 
 
 __all__ = ["draw"]

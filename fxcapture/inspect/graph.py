@@ -195,50 +195,127 @@ def _truncate(path: str, depth: int | None) -> str:
 
 
 def module_view(g: nx.DiGraph, depth: int | None = None) -> nx.DiGraph:
-    """One node per called module (cut at ``depth`` path components), edges = data flow.
+    """One node per module call (module paths cut at ``depth`` components), edges = data flow.
 
-    Node ``kind`` is ``"module"`` for a called module, ``"input"`` for a graph input,
+    Node ``kind`` is ``"module"`` for a module call, ``"input"`` for a graph input,
     ``"output"`` for the output and ``"op"`` for an op of the root ``forward`` that
-    runs outside every submodule (kept as its own node, ``"%flatten"``). Attributes:
-    ``ops`` (fx nodes held), ``captured`` (any of them is), ``shape`` (of the module's
-    return value when known), ``order`` (first op). A module called twice is one
-    node, so the view can have cycles.
+    runs outside every submodule (kept as its own node, ``"%flatten"``). A module
+    called twice is two nodes, keyed as :func:`fxcapture.capture` keys its calls
+    (``layer1.0.relu@0``, ``layer1.0.relu@1``), so the view is acyclic and reads along
+    the data flow. Attributes: ``module`` (the path), ``ops`` (fx nodes held),
+    ``targets`` (what the module's own ops call, e.g. ``iadd`` for a residual
+    block's sum), ``captured`` (any op is), ``shape`` (of the call's return value
+    when known), ``order`` (first op).
 
     Example::
 
         >>> view = module_view(to_networkx(resnet18), depth=1)
         >>> list(view)[:4]
         ['x', 'conv1', 'bn1', 'relu']
+        >>> [n for n in module_view(to_networkx(resnet18)) if n.startswith("layer1.0.relu")]
+        ['layer1.0.relu@0', 'layer1.0.relu@1']
     """
     called = [p for p in g.graph.get("called_modules", "").split(",") if p]
     modules = {_truncate(path, depth) for path in called}
-    view = nx.DiGraph(name=g.graph.get("name", ""))
-    owner: dict[str, str] = {}
     hidden = leftovers(g)
-    for name, data in sorted(g.nodes(data=True), key=lambda item: item[1]["order"]):
-        if name in hidden:
-            continue
-        key, kind = _owner(name, data, modules, depth)
-        owner[name] = key
+    ordered = [(n, d) for n, d in sorted(g.nodes(data=True), key=lambda item: item[1]["order"]) if n not in hidden]
+    calls = _calls(g, modules, depth)
+    owner = _runs(g, [n for n, _ in ordered], calls)
+    view = nx.DiGraph(name=g.graph.get("name", ""))
+    deeper: set[str] = set()  # nodes holding ops of submodules: their own ops do not name them
+    for name, data in ordered:
+        key = owner[name]
+        _, kind, module = calls[name]
         if key not in view:
-            view.add_node(key, kind=kind, ops=0, captured=False, shape="", order=data["order"], captured_as="")
+            view.add_node(key, kind=kind, module=module, ops=0, targets="", captured=False, shape="",
+                          order=data["order"], captured_as="")  # fmt: skip
         attrs = view.nodes[key]
         attrs["ops"] += 1
         attrs["captured"] = attrs["captured"] or data["captured"]
         if data.get("captured_as"):
             attrs["captured_as"] = ", ".join(filter(None, [attrs["captured_as"], data["captured_as"]]))
+        if kind == "module" and data["module"] != module:
+            deeper.add(key)
+        elif kind == "module" and data["op"] != "call_module":
+            attrs["targets"] = ", ".join(dict.fromkeys(filter(None, [*attrs["targets"].split(", "), data["target"]])))
         if kind != "module":
             attrs["shape"] = data["shape"]
         for output_key in filter(None, data["module_output"].split(", ")):
-            if output_key.partition("@")[0] == key and not attrs["shape"]:
+            if output_key.partition("@")[0] == module and not attrs["shape"]:
                 attrs["shape"] = data["shape"]
+    for key in deeper:
+        view.nodes[key]["targets"] = ""
     for u, v in g.edges:
         if u in owner and v in owner and owner[u] != owner[v]:
             view.add_edge(owner[u], owner[v])
     # Containers that own no op themselves (a Sequential) are nodes too, without edges.
-    for path in sorted(modules - set(view), key=called.index if depth is None else len):
-        view.add_node(path, kind="module", ops=0, captured=False, shape="", order=-1, captured_as="")
+    for path in sorted(modules - {d["module"] for _, d in view.nodes(data=True)},
+                       key=called.index if depth is None else len):  # fmt: skip
+        view.add_node(path, kind="module", module=path, ops=0, targets="", captured=False, shape="",
+                      order=-1, captured_as="")  # fmt: skip
     return view
+
+
+def _runs(g: nx.DiGraph, ordered: list[str], calls: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """{fx node: view node}. A call's ops make one view node, unless the data flows out
+    of them and back in through others (a block's residual sums around its MLP): then
+    each run of its ops between such detours is a node of its own (``blocks.0`` and
+    ``blocks.0:%add_1``), which keeps the view acyclic."""
+    runs: list[list[str]] = []
+    for name in ordered:  # maximal runs of consecutive ops of one call
+        if runs and calls[runs[-1][0]][0] == calls[name][0]:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    run_of = {name: i for i, run in enumerate(runs) for name in run}
+    flow = nx.DiGraph()
+    flow.add_nodes_from(range(len(runs)))
+    flow.add_edges_from((run_of[u], run_of[v]) for u, v in g.edges if u in run_of and v in run_of and run_of[u] != run_of[v])
+    group: dict[str, int] = {}  # call -> the run its next runs merge into
+    first: dict[str, int] = {}  # call -> its first run, which the call's key names
+    merged = list(range(len(runs)))
+    for i, run in enumerate(runs):  # runs are in execution order: data only flows forward
+        key = calls[run[0]][0]
+        first.setdefault(key, i)
+        if key in group and not _detour(flow, group[key], i):
+            flow = nx.contracted_nodes(flow, group[key], i, self_loops=False)
+            merged[i] = group[key]
+        else:
+            group[key] = i
+    names = {}
+    for i, head in enumerate(merged):
+        key = calls[runs[head][0]][0]
+        names[i] = key if head == first[key] else f"{key}:%{runs[head][0]}"
+    return {name: names[run_of[name]] for name in ordered}
+
+
+def _detour(flow: nx.DiGraph, a: int, b: int) -> bool:
+    """Whether data flows from run ``a`` to run ``b`` through other runs."""
+    return any(nx.has_path(flow, s, b) for s in flow.successors(a) if s != b)
+
+
+def _calls(g: nx.DiGraph, modules: set[str], depth: int | None) -> dict[str, tuple[str, str, str]]:
+    """{fx node: (view key, kind, module path)}. A call of a module ends at the op that
+    its key (``path`` or ``path@i``) names as its return value; the next op in that
+    module starts its next call."""
+    returns: dict[str, set[int]] = defaultdict(set)  # module -> the call indices it returns
+    for _, data in g.nodes(data=True):
+        for key in filter(None, data["module_output"].split(", ")):
+            path, _, index = key.partition("@")
+            returns[path].add(int(index or 0))
+    current: dict[str, int] = defaultdict(int)
+    found = {}
+    for name, data in sorted(g.nodes(data=True), key=lambda item: item[1]["order"]):
+        key, kind = _owner(name, data, modules, depth)
+        module = key if kind == "module" else ""
+        if module and len(returns[module]) > 1:
+            key = f"{module}@{current[module]}"
+        found[name] = (key, kind, module)
+        for output in filter(None, data["module_output"].split(", ")):
+            path = output.partition("@")[0]
+            if _truncate(path, depth) == path:
+                current[path] += 1
+    return found
 
 
 def leftovers(g: nx.DiGraph) -> set[str]:

@@ -363,19 +363,23 @@ def feature_grid(
         picked = list(channels)
     cols = min(len(picked), 8)
     rows = math.ceil(len(picked) / cols)
-    fig = _figure(figsize=(panel_size * cols, panel_size * rows + 0.7), dpi=dpi)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
+    # each panel is a cell (a subfigure) holding its image, title and range caption:
+    # the layout keeps a caption inside its cell, clear of the next row's titles
+    title = title or f"Feature maps {tuple(fm.shape)}, sample {sample} (each panel: own scale)"
+    width = max(panel_size * cols, 0.1 * len(title) + 0.5)  # the title fits over few panels
+    fig = _figure(figsize=(width, (panel_size + 0.45) * rows + 0.5), dpi=dpi)
+    cells = fig.subfigures(rows, cols, squeeze=False)
+    for i, cell in enumerate(cells.flat):
+        if i >= len(picked):
+            continue
+        ax = cell.subplots()
         ax.set_xticks([])
         ax.set_yticks([])
-        if i >= len(picked):
-            ax.set_axis_off()
-            continue
         panel = fm[picked[i]]
         ax.imshow(panel.numpy(), cmap=cmap, interpolation="nearest")
         ax.set_title(f"ch {picked[i]}", fontsize=9)
         ax.set_xlabel(f"[{panel.min().item():.2g}, {panel.max().item():.2g}]", fontsize=7)
-    fig.suptitle(title or f"Feature maps {tuple(fm.shape)}, sample {sample} (each panel: own scale)")
+    fig.suptitle(title)
     _save(fig, save, dpi)
     return fig
 

@@ -80,9 +80,38 @@ def test_feature_grid_picks_most_active_channels(vit_maps, tmp_path):
     fmap = feats["patch_embed"]
     fig = viz.feature_grid(fmap, channels=6, save=tmp_path / "features.png")
     _check_png(fig, tmp_path / "features.png")
-    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    cells = [cell for cell in fig.subfigs if cell.axes]
+    titles = [cell.axes[0].get_title() for cell in cells]
     top = fmap[0].abs().mean((1, 2)).argsort(descending=True)[:6].tolist()
     assert titles == [f"ch {c}" for c in top]
+    for cell, c in zip(cells, top):  # the caption is the panel's own range
+        lo, hi = fmap[0, c].min().item(), fmap[0, c].max().item()
+        assert cell.axes[0].get_xlabel() == f"[{lo:.2g}, {hi:.2g}]"
+
+
+@pytest.mark.parametrize("channels, scale", [(16, 1.0), (12, 1e-4), (3, 1.0)])
+def test_feature_grid_captions_stay_inside_their_cells(tmp_path, channels, scale):
+    """Each panel's title and range caption lie inside its cell: a caption never runs
+    into the next row's titles, the figure title never off the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = viz.feature_grid(torch.randn(1, 32, 14, 9) * scale, channels=channels)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    cells = [cell for cell in fig.subfigs if cell.axes]
+    assert len(cells) == channels
+    labels = []
+    for cell in cells:
+        ax = cell.axes[0]
+        for label in (ax.title, ax.xaxis.label):
+            box = label.get_window_extent(renderer)
+            assert cell.bbox.x0 <= box.x0 and box.x1 <= cell.bbox.x1 and cell.bbox.y0 <= box.y0 and box.y1 <= cell.bbox.y1
+            labels.append(box)
+    for i, a in enumerate(labels):
+        assert all(not a.overlaps(b) for b in labels[i + 1 :]), "two captions overlap"
+    (title,) = [t.get_window_extent(renderer) for t in fig.texts]  # the suptitle
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.x1
 
 
 def test_bad_save_suffix_and_shapes(vit_maps, tmp_path):
