@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import operator
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -114,7 +115,27 @@ class _Collector:
         value = self._tag_tree(f"l|{len(self.locals)}", probs)
         self.locals.append(LocalRecord(module, "scaled_dot_product_attention", "attn_probs", value))
 
+    def _assign_buffer(self, module: torch.nn.Module, name: str, new: Any) -> Any:
+        """``sub.buf = new`` in a submodule's forward: export keeps only the root's
+        buffer assignments, so write ``new`` into the buffer in place instead (the
+        graph then updates the model's buffer, as eager assigns it)."""
+        old = module._buffers.get(name)
+        if module is self.model or module not in self.submodules or not isinstance(new, torch.Tensor) \
+                or not isinstance(old, torch.Tensor) or threading.get_ident() != self.thread:  # fmt: skip
+            return None
+        if (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+            raise TypeError(
+                f"buffer {name!r} of {type(module).__name__} is assigned a tensor of another shape, "
+                "dtype or device in forward: the running tracer cannot follow it"
+            )
+        with torch.no_grad():
+            old.copy_(new)
+        return old
+
     def install(self) -> None:
+        self.thread = threading.get_ident()
+        self.submodules = set(self.model.modules())
+        self._handles.append(torch.nn.modules.module.register_module_buffer_registration_hook(self._assign_buffer))
         for path, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._pre(path)))
             self._handles.append(module.register_forward_hook(self._post(path), always_call=True))
