@@ -177,7 +177,7 @@ class _Collector:
         return post
 
     def _global_trace(self, frame, event, arg):
-        if not self.stack or not self.frames.watches(frame.f_code):
+        if not self.stack or not self.frames.watches_frame(frame):
             return None
         frame.f_trace_lines = False
         return self._local_trace
@@ -188,7 +188,7 @@ class _Collector:
         return self._local_trace
 
     def _profile(self, frame, event, arg):
-        if event == "return" and self.stack and self.frames.watches(frame.f_code):
+        if event == "return" and self.stack and self.frames.watches_frame(frame):
             self._on_return(frame)
 
     def _on_return(self, frame) -> None:
