@@ -32,6 +32,17 @@ from .._util.tree import all_leaves, tree_map
 from .frames import FrameFilter, ProfileScope
 from .hazards import HAZARD_CODES, ModelSnapshot, custom_function, global_hooks
 
+# functions fx cannot follow (they read tensor values) whose results are containers
+# the graph passes along whole: recorded as one node each where the model's module
+# imported them by name (fx's autowrap patches module globals)
+AUTOWRAP_FUNCTIONS = (
+    torch.nn.utils.rnn.pack_padded_sequence,
+    torch.nn.utils.rnn.pad_packed_sequence,
+    torch.nn.utils.rnn.pack_sequence,
+    torch.nn.utils.rnn.unpack_sequence,
+    torch.nn.utils.rnn.unpad_sequence,
+)
+
 # torch.fx patches torch.nn.Module.__call__ globally while it traces, and we install
 # a profile function: serialise traces so that two threads never interleave them.
 _TRACE_LOCK = threading.RLock()
@@ -201,7 +212,7 @@ class CaptureTracer(fx.Tracer):
         leaf_modules: Iterable[Any] = (),
         autowrap_functions: Iterable[Callable] = (),
     ) -> None:
-        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        super().__init__(autowrap_modules=(math,), autowrap_functions=AUTOWRAP_FUNCTIONS + tuple(autowrap_functions))
         # buffers as get_attr proxies: `self.steps += 1` and `num_batches_tracked.add_(1)`
         # become graph ops that run on every call, not a write at trace time
         self.proxy_buffer_attributes = True
@@ -305,6 +316,11 @@ class CaptureTracer(fx.Tracer):
             try:
                 with ProfileScope(self._on_profile_event):
                     graph = self.trace(root, concrete_args)
+                for node in graph.nodes:
+                    if node.target in AUTOWRAP_FUNCTIONS:
+                        # fx's code would run fx.wrap("torch.nn.utils.rnn...."), breaking
+                        # every later trace in the process (a dotted name is no global)
+                        node.meta.pop("is_wrapped", None)
             finally:
                 changed = snapshot.restore() if snapshot is not None else []
                 written = snapshot.written() if snapshot is not None else []
