@@ -162,12 +162,15 @@ class _Collector:
 
     def _pre(self, path: str):
         def pre(module, args):
-            self.stack.append(path)
+            if threading.get_ident() == self.thread:  # another thread's call of the model: not traced
+                self.stack.append(path)
 
         return pre
 
     def _post(self, path: str):
         def post(module, args, output):
+            if threading.get_ident() != self.thread:
+                return
             if self.stack and self.stack[-1] == path:
                 self.stack.pop()
             if path:  # the root's output is the model output, not a module key

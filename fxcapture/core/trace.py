@@ -226,6 +226,7 @@ class CaptureTracer(fx.Tracer):
         self.hazards: list[str] = []
         self.eager_modules: dict[str, str] = {}
         self.frames = FrameFilter()
+        self._thread = threading.get_ident()
 
     # -- module structure ---------------------------------------------------
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -233,7 +234,19 @@ class CaptureTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    # torch.fx patches nn.Module.__call__ and __getattr__ for every thread while it
+    # traces: calls from other threads (any model's) go through untouched
+    def _foreign_thread(self) -> bool:
+        return threading.get_ident() != self._thread
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._foreign_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m, forward, args, kwargs):
+        if self._foreign_thread():
+            return forward(*args, **kwargs)
         path = self.path_of_module(m)
         self._module_stack.append(path)
         try:
@@ -310,6 +323,7 @@ class CaptureTracer(fx.Tracer):
         """
         model = root if isinstance(root, torch.nn.Module) else None
         self.frames = FrameFilter(model)
+        self._thread = threading.get_ident()
         with _TRACE_LOCK:
             snapshot = ModelSnapshot(model) if model is not None else None
             rng = torch.random.get_rng_state()
