@@ -1,8 +1,10 @@
-"""One walk over nested values: tuples (named too), lists, dicts, dataclasses.
+"""The one walk over nested values, for every container the package meets.
 
-Every package maps, flattens or searches model inputs and outputs through these, so
-that a namedtuple, a dataclass or a transformers ``ModelOutput`` is rebuilt as its
-own type instead of crashing or turning into a plain tuple.
+Tuples (named too: ``PackedSequence``), lists, dicts (transformers ``ModelOutput``
+too), plain dataclasses, and any type registered with torch's pytree (transformers
+``Cache`` objects once registered). Capture, edits and every tracer map, flatten and
+search model inputs and outputs through these, so that each container is rebuilt as
+its own type instead of crashing, turning into a plain tuple or being missed.
 
 Example::
 
@@ -11,17 +13,28 @@ Example::
     Pair(a=tensor([2.]), b=3)
     >>> leaves({"x": [torch.ones(1), "s"]})
     [tensor([1.])]
+    >>> paths(Pair(torch.ones(1), 3))
+    [(((<built-in function getitem>, 0),), tensor([1.]))]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree  # SUPPORTED_NODES: the registered types (torch 2.14)
 
 Leaf = type | tuple[type, ...]
+# how to read one child of a container: (reader, key), reader(container, key) -> child
+Step = tuple[Callable[[Any, Any], Any], Any]
+
+
+def registered_child(value: Any, index: int) -> Any:
+    """Child ``index`` of a container registered with torch's pytree (a graph op too)."""
+    return pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)[0][index]
 
 
 def _rebuild_dict(value: dict, items: dict) -> dict:
@@ -38,31 +51,52 @@ def _rebuild_dict(value: dict, items: dict) -> dict:
         return items
 
 
+def _rebuild_tuple(value: tuple, items: list) -> tuple:
+    if hasattr(value, "_make"):  # a namedtuple: its own __new__ may check its fields
+        return type(value)._make(items)
+    if type(value) is tuple:
+        return tuple(items)
+    try:
+        return type(value)(items)
+    except TypeError:
+        return tuple(items)
+
+
+def children(value: Any) -> tuple[list[Step], list[Any], Callable[[list], Any]] | None:
+    """``(steps, children, rebuild)`` of a container, ``None`` for a leaf.
+
+    ``rebuild(new_children)`` makes a container of ``value``'s type; ``steps[i]`` reads
+    child ``i`` (``operator.getitem``, ``getattr`` or :func:`registered_child`).
+    """
+    if isinstance(value, (tuple, list)):
+        steps = [(operator.getitem, i) for i in range(len(value))]
+        rebuild = list if isinstance(value, list) else (lambda items: _rebuild_tuple(value, items))
+        return steps, list(value), rebuild
+    if isinstance(value, dict):
+        keys = list(value)
+        return ([(operator.getitem, k) for k in keys], list(value.values()),
+                lambda items: _rebuild_dict(value, dict(zip(keys, items))))  # fmt: skip
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in dataclasses.fields(value) if f.init and hasattr(value, f.name)]
+        return ([(getattr, n) for n in names], [getattr(value, n) for n in names],
+                lambda items: dataclasses.replace(value, **dict(zip(names, items))))  # fmt: skip
+    node = pytree.SUPPORTED_NODES.get(type(value))
+    if node is not None:
+        items, context = node.flatten_fn(value)
+        items = list(items)
+        return ([(registered_child, i) for i in range(len(items))], items,
+                lambda new: node.unflatten_fn(new, context))  # fmt: skip
+    return None
+
+
 def _map(fn: Callable[[Any], Any], value: Any, is_leaf: Callable[[Any], bool]) -> Any:
     if is_leaf(value):
         return fn(value)
-    if isinstance(value, tuple):
-        items = [_map(fn, v, is_leaf) for v in value]
-        if hasattr(value, "_fields"):  # namedtuple
-            return type(value)(*items)
-        if type(value) is tuple:
-            return tuple(items)
-        try:
-            return type(value)(items)
-        except TypeError:
-            return tuple(items)
-    if isinstance(value, list):
-        return [_map(fn, v, is_leaf) for v in value]
-    if isinstance(value, dict):
-        return _rebuild_dict(value, {k: _map(fn, v, is_leaf) for k, v in value.items()})
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {
-            f.name: _map(fn, getattr(value, f.name), is_leaf)
-            for f in dataclasses.fields(value)
-            if f.init and hasattr(value, f.name)
-        }
-        return dataclasses.replace(value, **changes)
-    return value
+    parts = children(value)
+    if parts is None:
+        return value
+    _, items, rebuild = parts
+    return rebuild([_map(fn, v, is_leaf) for v in items])
 
 
 def tree_map(fn: Callable[[Any], Any], value: Any, leaf: Leaf = torch.Tensor) -> Any:
@@ -70,10 +104,15 @@ def tree_map(fn: Callable[[Any], Any], value: Any, leaf: Leaf = torch.Tensor) ->
     return _map(fn, value, lambda v: isinstance(v, leaf))
 
 
+def map_all(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every value that is not a container."""
+    return _map(fn, value, lambda v: not is_container(v))
+
+
 def all_leaves(value: Any) -> list[Any]:
     """Every value in ``value`` that is not a container, in order."""
     found: list[Any] = []
-    _map(found.append, value, lambda v: not is_container(v))
+    map_all(found.append, value)
     return found
 
 
@@ -84,11 +123,20 @@ def leaves(value: Any, leaf: Leaf = torch.Tensor) -> list[Any]:
     return found
 
 
+def paths(value: Any, leaf: Leaf = torch.Tensor, path: tuple[Step, ...] = ()) -> list[tuple[tuple[Step, ...], Any]]:
+    """Every leaf of type ``leaf`` with the steps that read it from ``value``."""
+    if isinstance(value, leaf):
+        return [(path, value)]
+    parts = children(value)
+    if parts is None:
+        return []
+    steps, items, _ = parts
+    return [found for step, v in zip(steps, items) for found in paths(v, leaf, path + (step,))]
+
+
 def is_container(value: Any) -> bool:
     """Is ``value`` a container that :func:`tree_map` walks into?"""
-    return isinstance(value, (tuple, list, dict)) or (
-        dataclasses.is_dataclass(value) and not isinstance(value, type)
-    )
+    return children(value) is not None
 
 
 def first_leaf(value: Any, leaf: Leaf = torch.Tensor) -> Any:

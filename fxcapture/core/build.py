@@ -30,7 +30,7 @@ from .records import Catalogue, NameInfo, build_catalogue
 from .running import trace_by_running
 from .runtime import RuntimeCapture
 from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error
-from .spec import INPUT, CaptureSpec, FunctionModule, TraceFailure, constant_defaults
+from .spec import INPUT, CaptureSpec, TraceFailure, constant_defaults, traced_root
 from .trace import CaptureTracer, TraceResult
 
 
@@ -80,11 +80,10 @@ def concrete_args(model: torch.nn.Module, spec: CaptureSpec) -> dict:
 def trace_symbolic(
     model: torch.nn.Module, spec: CaptureSpec, extra_leaves: Iterable[str] = ()
 ) -> tuple[TraceResult, Catalogue]:
-    """Trace ``model`` with torch.fx (a plain function held by ``FunctionModule`` too)."""
+    """Trace ``model`` with torch.fx (a plain function or a static ``forward`` too)."""
     tracer = CaptureTracer(tuple(spec.leaf_modules) + tuple(extra_leaves), spec.autowrap_functions)
     try:
-        root = model.fn if isinstance(model, FunctionModule) else model
-        result = tracer.trace_model(root, concrete_args(model, spec))
+        result = tracer.trace_model(traced_root(model), concrete_args(model, spec))
     except Exception as err:
         err.fxcapture_failed_module = tracer.failed_module  # type: ignore[attr-defined]
         raise

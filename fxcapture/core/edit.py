@@ -30,16 +30,15 @@ Example (zero-ablate head 2 of block 3's attention, before it multiplies ``v``):
 
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.fx as fx
 
-from .._util.tree import map_nodes, nodes
+from .._util.tree import children, map_nodes, nodes, paths
 from .aliasing import Aliasing, written_bases
-from .passes import protect_from_inplace
+from .passes import graph_value, protect_from_inplace
 from .records import Catalogue, NameInfo
 from .select import Selector, match, unknown_selector_error
 
@@ -86,6 +85,11 @@ def _check_structure(new: Any, value: Any, key: str) -> None:
         raise ValueError(
             f"{key!r} is a dict with keys {sorted(value)}, so its edit must return a dict "
             f"with those keys too, got {type(new).__name__}."
+        )
+    if not isinstance(value, (tuple, list, dict)) and children(value) is not None and type(new) is not type(value):
+        raise ValueError(
+            f"{key!r} is a {type(value).__name__}, so its edit must return one too "
+            f"(e.g. dataclasses.replace(value, ...)), got {type(new).__name__}."
         )
 
 
@@ -157,20 +161,6 @@ def resolve_edits(
     return pairs
 
 
-def _leaves_with_paths(value: Any, path: tuple = ()) -> list[tuple[tuple, fx.Node]]:
-    """Every ``fx.Node`` of a value recorded while tracing, with its index path
-    (a field name for a dataclass: ``getattr``; an index or key otherwise)."""
-    if isinstance(value, fx.Node):
-        return [(path, value)]
-    if isinstance(value, (tuple, list)):
-        items = enumerate(value)
-    elif isinstance(value, dict):
-        items = value.items()
-    else:
-        return []
-    return [leaf for k, v in items for leaf in _leaves_with_paths(v, path + (k,))]
-
-
 def _rewire_after(node: fx.Node, new: fx.Node, position: dict[fx.Node, int]) -> None:
     """Make every user of ``node`` that runs after ``new`` use ``new`` instead."""
     start = position[new]
@@ -193,23 +183,21 @@ def _insert_edit(
     graph: fx.Graph, value: Any, edit: Edit, key: str, modules: dict[str, torch.nn.Module]
 ) -> dict[fx.Node, fx.Node]:
     """Insert one edit of ``value``; returns ``{original node: replacement node}``."""
-    leaves = _leaves_with_paths(value)
+    leaves = paths(value, fx.Node)
     if not leaves:
         raise ValueError(f"{key!r} holds no graph value to edit")
     after = _insertion_point(graph, [n for _, n in leaves])
-    with graph.inserting_after(after):
-        edited = graph.call_function(_graph_function(edit, key), (value,))
-    if isinstance(value, fx.Node):
-        parts = {value: edited}
-    else:  # a structure of nodes: pick each part out of the edited structure
-        parts = {}
-        cursor = edited
-        for path, node in leaves:
-            part = edited
-            for index in path:
-                with graph.inserting_after(cursor):
-                    part = cursor = graph.call_function(operator.getitem, (part, index))
-            parts[node] = part
+    with graph.inserting_before(after.next):  # in order, after `after`
+        edited = graph.call_function(_graph_function(edit, key), (graph_value(graph, value),))
+        if isinstance(value, fx.Node):
+            parts = {value: edited}
+        else:  # a structure of nodes: pick each part out of the edited structure
+            parts = {}
+            for steps, node in leaves:
+                part = edited
+                for read, index in steps:
+                    part = graph.call_function(read, (part, index))
+                parts[node] = part
     position = {n: i for i, n in enumerate(graph.nodes)}
     for node, part in parts.items():
         # a local after in-place writes is the tensor of an earlier node (`c` after

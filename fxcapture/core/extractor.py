@@ -173,7 +173,7 @@ class Extractor(torch.nn.Module):
             program = self._program_for(self.training, specialization)
             if program is None:
                 program = self._running_program(args, kwargs)
-            else:
+            elif program.tracer == "symbolic":  # fx's forward takes every argument by position
                 args, kwargs = tuple(positional), {}
         runtime = program.runtime
         if runtime is None:

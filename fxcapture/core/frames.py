@@ -98,6 +98,18 @@ class FrameFilter:
             )
         return watched
 
+    def watches_frame(self, frame: Any) -> bool:
+        """:meth:`watches` for a running frame. Code made from a string belongs to the
+        module whose globals it runs in: a dataclass ``__init__`` that torch generates
+        (``<string>``) is torch's, never the user's."""
+        code = frame.f_code
+        watched = self.watches(code)
+        if watched and code.co_filename.startswith("<"):
+            package = (frame.f_globals.get("__name__") or "").partition(".")[0]
+            if package in _NEVER_PACKAGES:
+                self._cache[code] = watched = False
+        return watched
+
     def _watches_file(self, filename: str) -> bool:
         if filename.startswith("<"):
             return _is_user_source(filename)

@@ -18,14 +18,13 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
 
-from .._util.tree import map_nodes
+from .._util.tree import children, map_nodes, registered_child
 from .aliasing import Aliasing, mutated_input
 from .pytrees import compilable_spec
 
@@ -62,9 +61,11 @@ def add_feature_outputs(
     if info is None or info.out_spec is None:
         original = output.args[0] if keep_output else None
         with graph.inserting_before(output):
-            values = {key: _graph_value(graph, value) for key, value in features.items()}
+            values = {key: graph_value(graph, value) for key, value in features.items()}
         output.args = ((original, values),)
         return
+    with graph.inserting_before(output):  # a dataclass is a leaf of torch's pytree: one node
+        features = {key: graph_value(graph, value) for key, value in features.items()}
     flat = list(output.args[0]) if keep_output else [None]  # one leaf: None
     # compilable: transformers' Cache nodes rebuilt without importing (see .pytrees)
     out_spec = compilable_spec(info.out_spec) if keep_output else pytree.tree_structure(0)
@@ -77,25 +78,22 @@ def add_feature_outputs(
     output.args = (tuple(flat + feature_leaves),)
 
 
-def _graph_value(graph: fx.Graph, value: Any) -> Any:
-    """``value`` as fx code can return it: a namedtuple, a dataclass or a dict subclass
+def graph_value(graph: fx.Graph, value: Any) -> Any:
+    """``value`` as fx code can pass it: a namedtuple, a dataclass or a dict subclass
     (a module's return value) is rebuilt by a node calling its type."""
-    if isinstance(value, fx.Node):
-        return value
-    if isinstance(value, tuple):
-        items = tuple(_graph_value(graph, v) for v in value)
-        if type(value) is tuple:
-            return items
-        return graph.call_function(type(value), items)  # a namedtuple
-    if isinstance(value, list):
-        return [_graph_value(graph, v) for v in value]
-    if isinstance(value, dict):
-        items = {k: _graph_value(graph, v) for k, v in value.items()}
-        return items if type(value) is dict else graph.call_function(type(value), (), items)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _graph_value(graph, getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-        return graph.call_function(type(value), (), fields)
-    return value
+    parts = children(value) if not isinstance(value, fx.Node) else None
+    if parts is None or parts[0] and parts[0][0][0] is registered_child:
+        return value  # a registered pytree (a transformers Cache): export's codegen flattens it
+    steps, items, _ = parts
+    items = [graph_value(graph, v) for v in items]
+    if type(value) in (tuple, list):
+        return type(value)(items)
+    if type(value) is dict:
+        return dict(zip(value, items))
+    if isinstance(value, tuple):  # a namedtuple
+        return graph.call_function(type(value), tuple(items))
+    # a dict subclass or a dataclass: keyword arguments
+    return graph.call_function(type(value), (), {key: v for (_, key), v in zip(steps, items)})
 
 
 def substitute(value: Any, replacements: dict[fx.Node, fx.Node]) -> Any:

@@ -30,13 +30,14 @@ from __future__ import annotations
 import inspect
 import operator
 import sys
+import threading
 import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree  # export's own input/output structures (torch 2.14)
 
+from .._util.tree import all_leaves, leaves, map_all, tree_map
 from .aliasing import written_bases
 from .attention import ExplicitAttentionMode
 from .frames import FrameFilter, chain_profile
@@ -90,31 +91,51 @@ class _Collector:
         self.attention = ExplicitAttentionMode(self._on_probs) if attention else None
 
     def _tag_tree(self, prefix: str, tree: Any) -> Any:
-        flat, spec = pytree.tree_flatten(tree)
-        if not any(isinstance(v, torch.Tensor) for v in flat):
+        """``tree`` with each tensor replaced by its key (tagged now) and each other
+        leaf by itself (a plain value) or ``None``; ``None`` if it holds no tensor."""
+        if not leaves(tree):
             return None
-        out = []
-        for i, v in enumerate(flat):
-            if isinstance(v, torch.Tensor):
-                key = f"{prefix}|{i}"
-                ident = (id(v), v._version)  # the same tensor, unchanged since: one node
-                hit = self._seen.get(ident)
-                if hit is not None and hit[0] is v:
-                    self.alias[key] = hit[1]
-                else:
-                    _TAG(v, key)
-                    self._seen[ident] = (v, key)
-                out.append(key)
-            else:
-                out.append(v if isinstance(v, _PLAIN) else None)
-        return pytree.tree_unflatten(out, spec)
+        count = iter(range(sys.maxsize))
+        return map_all(lambda v: self._tag(f"{prefix}|{next(count)}", v), tree)
+
+    def _tag(self, key: str, v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v if isinstance(v, _PLAIN) else None
+        ident = (id(v), v._version)  # the same tensor, unchanged since: one node
+        hit = self._seen.get(ident)
+        if hit is not None and hit[0] is v:
+            self.alias[key] = hit[1]
+        else:
+            _TAG(v, key)
+            self._seen[ident] = (v, key)
+        return key
 
     def _on_probs(self, probs: torch.Tensor) -> None:
         module = self.stack[-1] if self.stack else ""
         value = self._tag_tree(f"l|{len(self.locals)}", probs)
         self.locals.append(LocalRecord(module, "scaled_dot_product_attention", "attn_probs", value))
 
+    def _assign_buffer(self, module: torch.nn.Module, name: str, new: Any) -> Any:
+        """``sub.buf = new`` in a submodule's forward: export keeps only the root's
+        buffer assignments, so write ``new`` into the buffer in place instead (the
+        graph then updates the model's buffer, as eager assigns it)."""
+        old = module._buffers.get(name)
+        if module is self.model or module not in self.submodules or not isinstance(new, torch.Tensor) \
+                or not isinstance(old, torch.Tensor) or threading.get_ident() != self.thread:  # fmt: skip
+            return None
+        if (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+            raise TypeError(
+                f"buffer {name!r} of {type(module).__name__} is assigned a tensor of another shape, "
+                "dtype or device in forward: the running tracer cannot follow it"
+            )
+        with torch.no_grad():
+            old.copy_(new)
+        return old
+
     def install(self) -> None:
+        self.thread = threading.get_ident()
+        self.submodules = set(self.model.modules())
+        self._handles.append(torch.nn.modules.module.register_module_buffer_registration_hook(self._assign_buffer))
         for path, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._pre(path)))
             self._handles.append(module.register_forward_hook(self._post(path), always_call=True))
@@ -141,12 +162,15 @@ class _Collector:
 
     def _pre(self, path: str):
         def pre(module, args):
-            self.stack.append(path)
+            if threading.get_ident() == self.thread:  # another thread's call of the model: not traced
+                self.stack.append(path)
 
         return pre
 
     def _post(self, path: str):
         def post(module, args, output):
+            if threading.get_ident() != self.thread:
+                return
             if self.stack and self.stack[-1] == path:
                 self.stack.pop()
             if path:  # the root's output is the model output, not a module key
@@ -156,7 +180,7 @@ class _Collector:
         return post
 
     def _global_trace(self, frame, event, arg):
-        if not self.stack or not self.frames.watches(frame.f_code):
+        if not self.stack or not self.frames.watches_frame(frame):
             return None
         frame.f_trace_lines = False
         return self._local_trace
@@ -167,7 +191,7 @@ class _Collector:
         return self._local_trace
 
     def _profile(self, frame, event, arg):
-        if event == "return" and self.stack and self.frames.watches(frame.f_code):
+        if event == "return" and self.stack and self.frames.watches_frame(frame):
             self._on_return(frame)
 
     def _on_return(self, frame) -> None:
@@ -179,19 +203,21 @@ class _Collector:
                 continue
             try:
                 tagged = self._tag_tree(f"l|{len(self.locals)}", value)
-            except Exception:  # a value pytree cannot walk: not capturable
+            except Exception:  # a container that cannot be walked: not capturable
                 continue
             if tagged is not None:
                 self.locals.append(LocalRecord(module, function, name, tagged))
 
 
-def _untag(owner: torch.nn.Module, graph: fx.Graph) -> dict[str, fx.Node]:
+def _untag(owner: torch.nn.Module, graph: fx.Graph, points: dict[str, fx.Node]) -> dict[str, fx.Node]:
     """Remove the tag nodes of ``graph`` and of the region subgraphs (whose tagged
-    values become extra outputs, read with ``getitem``); returns key -> node."""
+    values become extra outputs, read with ``getitem``); returns key -> node, and
+    fills ``points``: key -> the last node run when it was tagged."""
     found: dict[str, fx.Node] = {}
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is _TAG:
             value, key = node.args
+            points[key] = node.prev  # earlier tags are gone already
             node.replace_all_uses_with(value)
             graph.erase_node(node)
             found[key] = value
@@ -200,7 +226,7 @@ def _untag(owner: torch.nn.Module, graph: fx.Graph) -> dict[str, fx.Node]:
             sub = owner.get_submodule(sub_node.target) if sub_node is not None else None
             if not isinstance(sub, fx.GraphModule):
                 continue
-            inner = _untag(sub, sub.graph)
+            inner = _untag(sub, sub.graph, {})
             if inner:
                 output = sub.graph.output_node()
                 old = output.args[0]
@@ -210,7 +236,7 @@ def _untag(owner: torch.nn.Module, graph: fx.Graph) -> dict[str, fx.Node]:
                 for j, key in enumerate(inner):
                     with graph.inserting_after(anchor):
                         anchor = graph.call_function(operator.getitem, (node, len(old) + j))
-                    found[key] = anchor
+                    found[key] = points[key] = anchor
             sub.recompile()
     return found
 
@@ -243,11 +269,18 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             spec[1] = auto
         return spec
 
-    return pytree.tree_map(dims, dict(bound))
+    return map_all(dims, dict(bound))
 
 
 def _substitute_keys(tree: Any, nodes: dict[str, fx.Node]) -> Any:
-    return pytree.tree_map(lambda k: nodes.get(k) if isinstance(k, str) and k[1:2] == "|" else k, tree)
+    return tree_map(lambda k: nodes.get(k) if k[1:2] == "|" else k, tree, str)
+
+
+def _returned_after(value: Any, points: dict[str, fx.Node]) -> fx.Node | None:
+    """Where a local was read (its function returned): in-place writes before then
+    (``y[0, 1] = 5``) are part of its value (see :func:`~.aliasing.value_at`)."""
+    keys = [k for k in all_leaves(value) if isinstance(k, str) and k in points]
+    return points[keys[-1]] if keys else None
 
 
 def _node_modules(graph: fx.Graph) -> None:
@@ -284,15 +317,14 @@ def trace_by_running(
     Raises what ``torch.export`` raises for code it cannot trace.
     """
     collector = _Collector(model, attention)
-    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})  # fmt: skip
+    devices = sorted({t.device.index or 0 for t in leaves((args, kwargs)) if t.device.type == "cuda"})
     # tracing draws no random numbers of the caller's; hooks and trace functions go
     _register_output_types(model)
     snapshot = ModelSnapshot(model)
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         # inputs made under torch.inference_mode (a loader's batches moved to the device there)
         # cannot enter a graph traced with autograd: trace on normal copies of them
-        args, kwargs = pytree.tree_map_only(torch.Tensor, _normal_tensor, (tuple(args), dict(kwargs)))
+        args, kwargs = tree_map(_normal_tensor, (tuple(args), dict(kwargs)))
         collector.install()
         try:
             # export's advice on attributes set in forward; its print of a failed partial graph
@@ -308,19 +340,20 @@ def trace_by_running(
             snapshot.restore()  # caches and attributes forward set while exporting
     unlifted = exported.module()
     graph = unlifted.graph
-    nodes = _untag(unlifted, graph)
+    points: dict[str, fx.Node] = {}
+    nodes = _untag(unlifted, graph, points)
     for node in list(graph.nodes):  # fxcapture checks the guards itself (core.guards)
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)
     for key, first in collector.alias.items():
         if first in nodes:
-            nodes[key] = nodes[first]
+            nodes[key], points[key] = nodes[first], points[first]
     _drop_self_copies(graph)
     _node_modules(graph)
     graph.lint()
     module_calls = [(path, _substitute_keys(v, nodes)) for path, v in collector.module_calls]
     records = [
-        LocalRecord(r.module, r.function, r.name, _substitute_keys(r.value, nodes))
+        LocalRecord(r.module, r.function, r.name, _substitute_keys(r.value, nodes), _returned_after(r.value, points))
         for r in collector.locals
     ]
     result = TraceResult(graph, module_calls, records, constants={}, root=unlifted)

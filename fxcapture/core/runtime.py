@@ -272,7 +272,7 @@ class RuntimeCapture:
             return
         code = frame.f_code
         if session.discovering:
-            if not self.frames.watches(code):
+            if not self.frames.watches_frame(frame):
                 return
             names = None
         else:

@@ -193,17 +193,32 @@ def forward_function(model: torch.nn.Module) -> Callable:
     return model.fn if isinstance(model, FunctionModule) else model.forward
 
 
-def constant_defaults(model: torch.nn.Module) -> tuple[list[str], dict[str, Any]]:
-    """``forward``'s positional parameter names, and those with a constant default.
+def traced_root(model: torch.nn.Module) -> torch.nn.Module | Callable:
+    """What torch.fx traces: the model, or a plain function where ``forward`` takes no
+    ``self`` (a :class:`FunctionModule`, a ``@staticmethod forward``), since fx would
+    pass the module as its first argument."""
+    if isinstance(model, FunctionModule) or isinstance(inspect.getattr_static(type(model), "forward", None), staticmethod):
+        return forward_function(model)
+    return model
 
-    Returns ``([], {})`` for a forward with ``*args``/``**kwargs`` or keyword-only
-    parameters (fx cannot bind those by name anyway).
+
+def constant_defaults(model: torch.nn.Module) -> tuple[list[str], dict[str, Any]]:
+    """``forward``'s parameter names, in the order of the graph's inputs (keyword-only
+    ones last, as fx makes them), and those with a constant default.
+
+    Returns ``([], {})`` for a forward with ``*args``/``**kwargs`` (fx cannot bind
+    those by name).
+
+    Example::
+
+        >>> constant_defaults(model)  # def forward(self, x, mask=None, *, scale=2.0)
+        (['x', 'mask', 'scale'], {'mask': None, 'scale': 2.0})
     """
     try:
         parameters = list(inspect.signature(forward_function(model)).parameters.values())
     except (TypeError, ValueError):
         return [], {}
-    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
         return [], {}
     defaults = {
         p.name: p.default

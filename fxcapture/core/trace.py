@@ -32,6 +32,17 @@ from .._util.tree import all_leaves, tree_map
 from .frames import FrameFilter, ProfileScope
 from .hazards import HAZARD_CODES, ModelSnapshot, custom_function, global_hooks
 
+# functions fx cannot follow (they read tensor values) whose results are containers
+# the graph passes along whole: recorded as one node each where the model's module
+# imported them by name (fx's autowrap patches module globals)
+AUTOWRAP_FUNCTIONS = (
+    torch.nn.utils.rnn.pack_padded_sequence,
+    torch.nn.utils.rnn.pad_packed_sequence,
+    torch.nn.utils.rnn.pack_sequence,
+    torch.nn.utils.rnn.unpack_sequence,
+    torch.nn.utils.rnn.unpad_sequence,
+)
+
 # torch.fx patches torch.nn.Module.__call__ globally while it traces, and we install
 # a profile function: serialise traces so that two threads never interleave them.
 _TRACE_LOCK = threading.RLock()
@@ -201,7 +212,7 @@ class CaptureTracer(fx.Tracer):
         leaf_modules: Iterable[Any] = (),
         autowrap_functions: Iterable[Callable] = (),
     ) -> None:
-        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        super().__init__(autowrap_modules=(math,), autowrap_functions=AUTOWRAP_FUNCTIONS + tuple(autowrap_functions))
         # buffers as get_attr proxies: `self.steps += 1` and `num_batches_tracked.add_(1)`
         # become graph ops that run on every call, not a write at trace time
         self.proxy_buffer_attributes = True
@@ -215,6 +226,7 @@ class CaptureTracer(fx.Tracer):
         self.hazards: list[str] = []
         self.eager_modules: dict[str, str] = {}
         self.frames = FrameFilter()
+        self._thread = threading.get_ident()
 
     # -- module structure ---------------------------------------------------
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -222,7 +234,19 @@ class CaptureTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    # torch.fx patches nn.Module.__call__ and __getattr__ for every thread while it
+    # traces: calls from other threads (any model's) go through untouched
+    def _foreign_thread(self) -> bool:
+        return threading.get_ident() != self._thread
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._foreign_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m, forward, args, kwargs):
+        if self._foreign_thread():
+            return forward(*args, **kwargs)
         path = self.path_of_module(m)
         self._module_stack.append(path)
         try:
@@ -270,7 +294,7 @@ class CaptureTracer(fx.Tracer):
             if function is not None:  # its backward lives only in eager calls
                 self.eager_modules[self._module_stack[-1] if self._module_stack else ""] = function
             return
-        if event != "return" or not self.frames.watches(frame.f_code):
+        if event != "return" or not self.frames.watches_frame(frame):
             return
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
@@ -299,12 +323,18 @@ class CaptureTracer(fx.Tracer):
         """
         model = root if isinstance(root, torch.nn.Module) else None
         self.frames = FrameFilter(root)
+        self._thread = threading.get_ident()
         with _TRACE_LOCK:
             snapshot = ModelSnapshot(model) if model is not None else None
             rng = torch.random.get_rng_state()
             try:
                 with ProfileScope(self._on_profile_event):
                     graph = self.trace(root, concrete_args)
+                for node in graph.nodes:
+                    if node.target in AUTOWRAP_FUNCTIONS:
+                        # fx's code would run fx.wrap("torch.nn.utils.rnn...."), breaking
+                        # every later trace in the process (a dotted name is no global)
+                        node.meta.pop("is_wrapped", None)
             finally:
                 changed = snapshot.restore() if snapshot is not None else []
                 written = snapshot.written() if snapshot is not None else []
