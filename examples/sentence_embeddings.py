@@ -95,7 +95,7 @@ def run(out: Path, args: argparse.Namespace) -> dict:
         print(f"embedding {len(texts)} sentences into {out}")
     feats = extract(model, {"embedding": layer}, data, out=out, reduce="mean", batch_size=args.batch_size,
                     data_name="sentence_embeddings.CORPUS", progress=False)  # fmt: skip
-    stored = np.asarray(feats["embedding"][:])
+    stored = np.array(feats["embedding"])  # a writable copy (a slice of a column maps the files read-only)
     embeddings = np.empty_like(stored)
     embeddings[data.documents] = stored  # rows were sorted by length: back to corpus order
     neighbours = nearest(embeddings, args.k)

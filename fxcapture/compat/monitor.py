@@ -42,6 +42,7 @@ import torch.nn as nn
 from .._util.tree import tree_map
 from ..core.api import capture
 from ..core.select import match
+from ..dataset.files import check_output_folder
 from . import monitor_store as store
 from .monitor_hooks import ModelHooks
 from .monitor_layers import LayerSpec, module_keys, parse_layers, unknown_layers_error
@@ -93,7 +94,7 @@ class Monitor:
         self.batch_indices = None if batch_indices is None else set(batch_indices)
         if self.batch_indices is not None and not self.batch_indices:
             raise ValueError("batch_indices is empty: give batch indices, or None for all")
-        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.output_dir = check_output_folder(output_dir, "output_dir") if output_dir is not None else None
         names = {s.internal: s.layer for s in self.layers}
         try:
             extractor = capture(model, names, **capture_kwargs)

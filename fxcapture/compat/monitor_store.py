@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._util.atomic import TMP_PREFIX, atomic_file
+from ..dataset.files import write_error
 
 RECORD_TYPES = ("single", "epoch_full")
 _PATTERNS = {"single": "single_epoch*_batch*.pt", "epoch_full": "epoch_full_epoch*.pt"}
@@ -94,15 +95,25 @@ def _inside(root: Path, path: Path) -> Path:
 
 def _dir(output_dir: Path, alias: str) -> Path:
     path = _inside(output_dir, output_dir / folder_name(alias))
-    path.mkdir(parents=True, exist_ok=True)
+    _mkdir(path)
     return _inside(output_dir, path)
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission, a read-only file system
+        raise write_error(path, err) from err
 
 
 def _save(obj: Any, root: Path, path: Path) -> Path:
     """``torch.save`` through a temp file; never leaves a half-written file."""
     _inside(root, path)
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError as err:
+        raise write_error(path, err) from err
     return path
 
 
@@ -139,7 +150,7 @@ def save_epoch(output_dir: Path, data: dict[str, dict]) -> list[Path]:
 def save_custom(output_dir: Path, obj: Any, filename: str) -> Path:
     """``torch.save(obj)`` to ``<output_dir>/<filename>``; ``filename`` is a plain name."""
     check_name(filename, "filename")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _mkdir(output_dir)
     return _save(obj, output_dir, output_dir / filename)
 
 

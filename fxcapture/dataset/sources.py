@@ -106,8 +106,8 @@ class _DatasetSource:
     def _load(self, loader: DataLoader, lo: int, hi: int) -> Iterator[Any]:
         """The loader's batches; a failure names the dataset item that raised (read again
         here, in this process: a worker's error comes back as traceback text)."""
-        batches = iter(loader)
-        for row in range(lo, hi, self.batch_size):
+        batches, row = iter(loader), lo
+        while True:
             try:
                 batch = next(batches)
             except StopIteration:
@@ -115,6 +115,7 @@ class _DatasetSource:
             except Exception as err:
                 raise self._item_error(err, row, min(row + self.batch_size, hi)) from err
             yield batch
+            row += self.batch_size
 
     def _item_error(self, err: Exception, start: int, stop: int) -> "DataError":
         where = f"batch {start // self.batch_size}, rows {start}-{stop - 1}"

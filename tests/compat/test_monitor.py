@@ -203,7 +203,7 @@ def test_tuple_outputs_are_kept_whole():
     ref.remove()
 
 
-def test_configuration_errors():
+def test_configuration_errors(tmp_path):
     model = tiny_vit()
     with pytest.raises(ValueError, match=r"do not exist in the model: \['blocks.0.atn', 'nope'\].*"
                                          r"Did you mean 'blocks.0.attn'"):  # fmt: skip
@@ -216,6 +216,11 @@ def test_configuration_errors():
         Monitor(model, ["head"], [])
     with pytest.raises(ValueError, match="'single' or 'epoch_full'"):
         Monitor(model, {"head": {"record_type": "full"}}, [0])
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"^output_dir='{tmp_path}/a-file' is a file, not a folder"):
+        Monitor(model, ["head"], [0], output_dir=tmp_path / "a-file")
+    with pytest.raises(OSError, match=f"^cannot create output_dir='{tmp_path}/a-file/runs': {tmp_path}/a-file is a"):
+        Monitor(model, ["head"], [0], output_dir=tmp_path / "a-file" / "runs")
     with pytest.raises(ValueError, match="no output_dir"):
         monitor = Monitor(model, ["head"], [0])
         monitor.set_epoch(0)

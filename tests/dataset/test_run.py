@@ -320,7 +320,7 @@ def test_existing_output_of_another_configuration(tmp_path):
 
 def test_unknown_name_and_bad_reducers_fail_before_writing(tmp_path):
     model, x = tiny_vit(), images(4)
-    with pytest.raises(ValueError, match="'block.1' is not a capturable name.*'blocks.1'"):
+    with pytest.raises(ValueError, match="'block.1' is not a module of TinyViT. Did you mean 'blocks.1'"):
         fxcapture.extract(model, "block.1", x, out=tmp_path / "a")
     with pytest.raises(ValueError, match="reduce has 'layer4', which selects none"):
         fxcapture.extract(model, "blocks.1", x, out=tmp_path / "b", reduce={"layer4": "mean"})
