@@ -62,6 +62,59 @@ def share_state(model: torch.nn.Module, into: torch.nn.Module) -> None:
         into.register_buffer(name, buf, persistent=name not in non_persistent)
 
 
+# What fx's errors mean for the model, in words a user can act on (a substring of the
+# error -> why fx stops there); the error itself follows in parentheses.
+FX_FAILURES = {
+    "co_varnames is too small": "its forward is wrapped by a decorator taking *args/**kwargs, "
+    "which fx cannot call with graph inputs",
+    "cannot be used as inputs to control flow": "its forward branches (an `if` or a loop) on a tensor",
+    "object cannot be iterated": "its forward iterates over a tensor",
+    "GuardOnDataDependentSymNode": "its forward branches on the values inside a tensor",
+}
+HOW = {  # how each tracer captures, said after the reasons it was chosen
+    "symbolic": "torch.fx traced the rest",
+    "running": "torch.export traced it by running it on the first call's inputs",
+    "run time": "the model runs as it is and values are captured while it runs",
+}
+
+
+def plain_reason(why: str) -> str:
+    """``why`` a tracer failed, led by what it means when it is a known fx failure.
+
+    Example::
+
+        >>> plain_reason("ValueError: code: co_varnames is too small")
+        'its forward is wrapped by a decorator taking *args/**kwargs, ... (ValueError: code: co_varnames is too small)'
+    """
+    meaning = next((m for error, m in FX_FAILURES.items() if error in why), None)
+    return f"{meaning} ({why})" if meaning else why
+
+
+def tracer_line(tracer: str, notes: list[str]) -> str:
+    """The first line of :meth:`Extractor.explain`: the tracer, and why when fx could
+    not trace the model itself.
+
+    Example::
+
+        >>> tracer_line("running", ["the model: TraceError: symbolically traced variables cannot be used as inputs to control flow"])
+        'tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor (TraceError: ...); torch.export traced it by running it ...)'
+    """
+    if not notes:
+        return f"tracer: {tracer}"
+    reasons = []
+    for note in notes:
+        where, _, why = note.partition(": ")
+        if where == "the model":
+            reasons.append(f"fx cannot trace this model: {plain_reason(why)}")
+        elif where == "torch.export":
+            reasons.append(f"torch.export cannot trace it either: {plain_reason(why)}")
+        elif why and " " not in where:  # a module path
+            reasons.append(f"fx cannot trace {where!r}: {plain_reason(why)}")
+        else:  # a hazard: what fx would get wrong
+            reasons.append(f"a graph from fx would differ from the model ({note})")
+    return f"tracer: {tracer} ({'; '.join(reasons + [HOW.get(tracer, tracer)])})"
+
+
 class Extractor(torch.nn.Module):
     """The model's forward, rewritten to return ``(output, {key: value})``.
 
@@ -242,19 +295,18 @@ class Extractor(torch.nn.Module):
         Example::
 
             >>> print(capture(gpt2, ["attn_weights"]).explain())
-            tracer: running (the model's own forward: TraceError: ...)
+            tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor (TraceError: ...); torch.export traced it ...)
             transformer.h.0.attn:attn_weights: local ... <- graph (running)
         """
         program = self._current()
         if program is None:
             return (
-                "tracer: running, on the first call (torch.fx cannot trace this model "
-                "exactly; pass example_inputs= to trace now)"
+                "tracer: running, on the first call (fx cannot trace this model exactly, so "
+                "torch.export traces it by running it; pass example_inputs= to trace now)"
             )
-        why = f" ({'; '.join(program.notes)})" if program.notes else ""
-        lines = [f"tracer: {program.tracer}{why}"]
+        lines = [tracer_line(program.tracer, program.notes)]
         lines += [
-            f"untraced: {path!r} ({'the whole model' if not path else 'runs eagerly'}): {why}"
+            f"untraced: {path!r} ({'the whole model' if not path else 'runs eagerly'}): {plain_reason(why)}"
             for path, why in program.untraced.items()
         ]
         for key, info in program.features.items():

@@ -254,7 +254,7 @@ def _drop_self_copies(graph: fx.Graph) -> None:
 
 def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """Batch (dim 0 of every tensor input) and sequence (dim 1 of integer 2-D inputs,
-    such as ``input_ids`` and ``attention_mask``) are dynamic."""
+    such as ``input_ids`` and ``attention_mask``) are dynamic, unless of size 0 or 1."""
     auto = torch.export.Dim.AUTO
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
@@ -267,7 +267,9 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         spec = {0: auto}
         if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
             spec[1] = auto
-        return spec
+        # export specializes a dim of size 0 or 1 anyway, with a warning: keep it static
+        # (the guard then traces again for another size)
+        return {d: dim for d, dim in spec.items() if x.shape[d] > 1} or None
 
     return map_all(dims, dict(bound))
 

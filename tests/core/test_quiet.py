@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
 
+from conftest import assert_matches_hooks, hook_values, tiny_gpt2
 from fxcapture import capture
 from fxcapture.core.quiet import hold_output
 
@@ -66,3 +68,25 @@ def test_held_output_is_dropped_or_passed_on_and_other_threads_write_through(cap
     assert "dropped" not in captured.err + captured.out
     assert captured.err.index("other thread") < captured.err.index("kept")  # written through at once
     assert captured.out.split() == ["kept", "record"]  # the record, replayed on its handler
+
+
+def test_a_first_call_at_batch_1_prints_nothing_and_later_batches_stay_exact(capfd, caplog):
+    """torch.export specializes a dimension of size 1 with a "0/1 specialized" warning:
+    it stays static instead, and another batch size traces again, equal to the model."""
+    model = tiny_gpt2()
+    ex = capture(model, ["transformer.h.1"])
+    ids = torch.randint(0, 100, (1, 8))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        out, feats = ex(ids)
+    printed = capfd.readouterr()
+    assert ex.tracer == "running"
+    assert not [str(w.message) for w in caught]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "specializ" not in printed.err + printed.out and printed.err == ""
+    for batch in (1, 3, 1, 2):
+        ids = torch.randint(0, 100, (batch, 8))
+        out, feats = ex(ids)
+        ref, seen = hook_values(model, ["transformer.h.1"], ids)
+        assert torch.equal(out.logits, ref.logits)
+        assert_matches_hooks(feats, seen)
