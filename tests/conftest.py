@@ -7,6 +7,7 @@ the model's own forward, a manual computation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -29,6 +30,9 @@ def detached_copy(value: Any) -> Any:
         return type(value)(detached_copy(v) for v in value)
     if isinstance(value, dict):
         return type(value)((k, detached_copy(v)) for k, v in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: detached_copy(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 
@@ -53,6 +57,10 @@ def assert_same(actual: Any, expected: Any, *, exact: bool = True, path: str = "
         assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
         for i, (a, e) in enumerate(zip(actual, expected)):
             assert_same(a, e, exact=exact, path=f"{where}[{i}]")
+    elif dataclasses.is_dataclass(expected) and not isinstance(expected, type):
+        assert type(actual) is type(expected), f"{where}: {type(actual)} != {type(expected)}"
+        for f in dataclasses.fields(expected):
+            assert_same(getattr(actual, f.name), getattr(expected, f.name), exact=exact, path=f"{where}.{f.name}")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
@@ -91,6 +99,45 @@ def assert_matches_hooks(feats: dict, seen: dict[str, list[Any]], *, exact: bool
         else:
             for i, value in enumerate(calls):
                 assert_same(feats[f"{path}@{i}"], value, exact=exact, path=f"{path}@{i}")
+
+
+# -- one model under each tracer -------------------------------------------------------
+TRACERS = ("symbolic", "running", "run time")
+
+
+class ForceRunning(nn.Module):
+    """``model`` behind a root whose forward counts its calls in a buffer, a write that
+    torch.fx cannot follow: fxcapture traces the whole model by running it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def under(tracer: str, model: nn.Module) -> tuple[nn.Module, Any]:
+    """``(root, key)``: the module to capture for ``tracer`` and the selector (or
+    module path) of the model's ``name`` in it (``"fc"``, ``":y"``, ``""``: the root)."""
+    if tracer != "running":
+        return model, lambda name: name
+    return ForceRunning(model), lambda name: "model" + name if name[:1] in (":", "") else f"model.{name}"
+
+
+def capture_under(tracer: str, root: nn.Module, names: list, example: Any, key=lambda n: n, **kwargs: Any):
+    """``capture`` of ``root`` (from :func:`under`) with ``tracer``: ``fallback="never"``
+    without inputs (symbolic), ``example_inputs`` (running), ``fallback="always"``."""
+    from fxcapture import capture
+
+    names = [key(n) for n in names]
+    if "edit" in kwargs:
+        kwargs["edit"] = {key(n): fn for n, fn in kwargs["edit"].items()}
+    if tracer == "running":
+        return capture(root, names, example_inputs=example, **kwargs)
+    return capture(root, names, fallback="never" if tracer == "symbolic" else "always", **kwargs)
 
 
 def clone_nodes(graph) -> list:

@@ -96,7 +96,21 @@ def _map(fn: Callable[[Any], Any], value: Any, is_leaf: Callable[[Any], bool]) -
     if parts is None:
         return value
     _, items, rebuild = parts
-    return rebuild([_map(fn, v, is_leaf) for v in items])
+    new = [_map(fn, v, is_leaf) for v in items]
+    if type(value) not in (tuple, list, dict) and all(a is b for a, b in zip(new, items)):
+        return value  # unchanged: not rebuilt (a rebuild may run a validating __init__)
+    return rebuild(new)
+
+
+def _walk(value: Any, is_leaf: Callable[[Any], bool], found: list) -> list:
+    if is_leaf(value):
+        found.append(value)
+        return found
+    parts = children(value)
+    if parts is not None:
+        for v in parts[1]:
+            _walk(v, is_leaf, found)
+    return found
 
 
 def tree_map(fn: Callable[[Any], Any], value: Any, leaf: Leaf = torch.Tensor) -> Any:
@@ -111,16 +125,12 @@ def map_all(fn: Callable[[Any], Any], value: Any) -> Any:
 
 def all_leaves(value: Any) -> list[Any]:
     """Every value in ``value`` that is not a container, in order."""
-    found: list[Any] = []
-    map_all(found.append, value)
-    return found
+    return _walk(value, lambda v: not is_container(v), [])
 
 
 def leaves(value: Any, leaf: Leaf = torch.Tensor) -> list[Any]:
     """Every leaf of type ``leaf`` in ``value``, in order."""
-    found: list[Any] = []
-    tree_map(found.append, value, leaf)
-    return found
+    return _walk(value, lambda v: isinstance(v, leaf), [])
 
 
 def paths(value: Any, leaf: Leaf = torch.Tensor, path: tuple[Step, ...] = ()) -> list[tuple[tuple[Step, ...], Any]]:

@@ -218,7 +218,7 @@ class Extractor(torch.nn.Module):
         if root_hooks and model._forward_pre_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
         program = self._program
-        if program is None:  # traced by running, per guard set
+        if program is None or program.guard is not None:  # traced by running, per guard set
             program = self._running_program(args, kwargs)
         elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
             # optional arguments given: the graph traced for this call pattern
