@@ -23,7 +23,7 @@ from .._util.tree import nodes
 from .aliasing import Aliasing
 from .attention import expose_attention_weights
 from .edit import apply_edits
-from .guards import InputGuard
+from .guards import InputGuard, ModelGuard
 from .hazards import global_hooks, has_hooks, hooked_modules
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue
@@ -47,6 +47,7 @@ class Program:
     untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
     guard: InputGuard | None = None  # the inputs a running trace holds for (None: all)
     notes: list[str] = field(default_factory=list)  # why this tracer
+    model_guard: ModelGuard | None = None  # what the graph assumed about the model (None: nothing)
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
