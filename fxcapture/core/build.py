@@ -233,10 +233,10 @@ def choose_trace(
         calls = result.eager_modules if result is not None else {}
         if not calls or "" in calls or set(calls) <= set(eager):
             break
-        eager.update({p: f"calls {why}: runs eagerly" for p, why in calls.items()})
+        eager.update({p: f"{why}: runs eagerly" for p, why in calls.items()})
     failed = {p: why for p, why in untraced.items() if p not in eager}
     hazards = (result.hazards if result is not None else []) + [
-        f"the model's forward calls {why}" for p, why in calls.items() if p == ""
+        f"the model's forward {why}" for p, why in calls.items() if p == ""
     ]
     if result is not None and not failed and not hazards:
         return Trace(result, catalogue, untraced, "symbolic")
