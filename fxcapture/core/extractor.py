@@ -148,11 +148,9 @@ class Extractor(torch.nn.Module):
             program = build_program(model, self._spec.replace(specialization=specialization), example)
         if program is None:
             return None
-        if "" not in program.untraced:  # a graph: what it assumed about the model
-            program.model_guard = ModelGuard(
-                model, seen.names(FrameFilter(model)), eager=program.untraced,
-                dtypes=program.tracer == "running",
-            )  # fmt: skip
+        # what a graph assumed about the model; run-time capture: which modules it hooks
+        read = seen.names(FrameFilter(model)) if "" not in program.untraced else frozenset()
+        program.model_guard = ModelGuard(model, read, eager=program.untraced, dtypes=program.tracer == "running")
         changed = next((p.model_guard.changes() for p in stale or () if p and p.model_guard), None)
         if changed:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""

@@ -173,8 +173,9 @@ class ModelGuard:
     the same children, parameters and buffers (the very objects), and the same value
     in each attribute (and field of a config object) whose name the model's code read
     while tracing; with ``dtypes``, also the dtype of each module's first parameter or
-    buffer (a running trace bakes its casts). Modules under the ``eager`` paths run as
-    they are on every call and are not guarded. :meth:`holds` compares a few lists with
+    buffer (a running trace bakes its casts). The attributes of modules under the
+    ``eager`` paths are not guarded: they run as they are on every call (their
+    structure is: run-time capture holds their modules). :meth:`holds` compares a few lists with
     ``==``, whose items are mostly the very objects seen while tracing (a pointer
     comparison each); only a miss looks for what changed.
 
@@ -188,8 +189,7 @@ class ModelGuard:
 
     def __init__(self, model: torch.nn.Module, read: frozenset[str], eager: Iterable[str] = (),
                  dtypes: bool = False) -> None:  # fmt: skip
-        skip = tuple(path + "." for path in eager)
-        modules = [(p, m) for p, m in model.named_modules() if not (p + ".").startswith(skip)]
+        modules = list(model.named_modules())
         self._paths = [p for p, _ in modules]
         self._dicts = [m.__dict__ for _, m in modules]
         self._flags = list(map(_TRAINING, self._dicts))
@@ -202,8 +202,10 @@ class ModelGuard:
         plain: list[tuple[str, dict, tuple]] = []
         objects: list[tuple[str, dict, tuple]] = []
         seen: set[int] = set()
+        skip = tuple(f"{path}." for path in eager)
         for path, attrs in zip(self._paths, self._dicts):
-            self._add_attrs(path, attrs, read, seen, 2, plain, objects)
+            if not f"{path}.".startswith(skip):
+                self._add_attrs(path, attrs, read, seen, 2, plain, objects)
         for path, holder in self._holders:
             small = tuple(k for k, t in holder.items() if isinstance(t, torch.Tensor) and t.numel() <= 1)
             if small:

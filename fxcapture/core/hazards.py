@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import sys
 from typing import Any
 
 import torch
@@ -142,13 +143,16 @@ class ModelSnapshot:
         return [name for _, _, name in self._diff()]
 
     def python_state(self) -> dict[str, list[str]]:
-        """``{module path: [attribute, ...]}`` for the Python state that changed: any
-        attribute but parameters and buffers (a counter, a flag, a list appended to, a
-        tensor kept in a plain attribute)."""
+        """``{module path: [attribute, ...]}`` for the Python state that changed: an
+        attribute (a counter, a flag, a list appended to, a tensor kept in a plain
+        attribute), not a parameter, a buffer or nn.Module's bookkeeping (hooks), nor
+        a private attribute of a library's module (transformers installs its output
+        hooks on the first call that asks for hidden states: put back, it installs them
+        again when run eagerly). A value replaced by an equal one is not a change."""
         state: dict[str, list[str]] = {}
         modules = dict(self.modules)
         for path, key, _ in self._diff():
-            if key in ("_parameters", "_buffers") or key in state.get(path, ()):
+            if key in _NOT_STATE or key in state.get(path, ()) or _library_private(modules[path], key):
                 continue
             attrs, inside = next((a, i) for m, a, i in self.state if m is modules[path])
             before = inside[key][0][1] if key in inside else attrs.get(key, _MISSING)
@@ -173,6 +177,13 @@ class ModelSnapshot:
 
 
 DEPTH = 3  # container levels copied under each attribute (a dict of lists of dicts)
+# nn.Module's own bookkeeping (hook dicts, state dict hooks), parameters and buffers
+_NOT_STATE = frozenset(torch.nn.Module().__dict__) - {"training", "_modules"}
+
+
+def _library_private(module: torch.nn.Module, key: str) -> bool:
+    source = getattr(sys.modules.get(type(module).__module__), "__file__", None)
+    return key.startswith("_") and source is not None and is_library_file(source)
 _MISSING = object()
 _STATE_DICTS = ("_parameters", "_buffers", "_modules")
 _CONTAINERS = (list, dict, set, collections.OrderedDict)
