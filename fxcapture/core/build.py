@@ -23,7 +23,7 @@ from .._util.tree import nodes
 from .aliasing import Aliasing
 from .attention import expose_attention_weights
 from .edit import apply_edits
-from .guards import InputGuard
+from .guards import InputGuard, ModelGuard
 from .hazards import global_hooks, has_hooks, hooked_modules
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue
@@ -47,6 +47,7 @@ class Program:
     untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
     guard: InputGuard | None = None  # the inputs a running trace holds for (None: all)
     notes: list[str] = field(default_factory=list)  # why this tracer
+    model_guard: ModelGuard | None = None  # what the graph assumed about the model (None: nothing)
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
@@ -231,10 +232,10 @@ def choose_trace(
         calls = result.eager_modules if result is not None else {}
         if not calls or "" in calls or set(calls) <= set(eager):
             break
-        eager.update({p: f"calls {why}: runs eagerly" for p, why in calls.items()})
+        eager.update({p: f"{why}: runs eagerly" for p, why in calls.items()})
     failed = {p: why for p, why in untraced.items() if p not in eager}
     hazards = (result.hazards if result is not None else []) + [
-        f"the model's forward calls {why}" for p, why in calls.items() if p == ""
+        f"the model's forward {why}" for p, why in calls.items() if p == ""
     ]
     if result is not None and not failed and not hazards:
         return Trace(result, catalogue, untraced, "symbolic")

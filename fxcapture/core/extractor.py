@@ -18,10 +18,19 @@ import torch
 import torch.fx as fx
 
 from .build import Program, build_program
+from .frames import FrameFilter
+from .guards import CodeObserver, ModelGuard
 from .records import Catalogue
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
 MAX_TRACES = 8  # running traces kept per mode (one per set of guards)
+
+
+def _follows(program: Program) -> bool:
+    """Does the graph still hold for the model (its :class:`~.guards.ModelGuard`)?
+    Inside ``torch.compile`` dynamo guards the model itself."""
+    guard = program.model_guard
+    return guard is None or torch.compiler.is_compiling() or guard.holds()
 
 
 def run_pre_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -134,30 +143,38 @@ class Extractor(torch.nn.Module):
         share_state(model, self)
         self.training = model.training
         self._params, self._defaults = constant_defaults(model)
-        # symbolic programs per (mode, call pattern); None: this mode traces by running
-        self._programs: dict[tuple[bool, tuple], Program | None] = {}
+        # graphs per (mode, call pattern), newest first; [None]: this pattern traces by running
+        self._programs: dict[tuple[bool, tuple], list[Program | None]] = {}
         self._running: dict[bool, list[Program]] = {True: [], False: []}  # newest first
         self._build_lock = threading.RLock()
-        self._program = self._program_for(self.training, ())
+        self._program = self._program_for(model.training, ())  # the latest one used
         if self._program is None and example_inputs is not None:
             self._program = self._running_program(*as_call(example_inputs))
 
-    # -- programs per mode and call pattern ---------------------------------------
+    # -- programs per mode, call pattern and guard set -----------------------------
     def _program_for(self, mode: bool, specialization: tuple) -> Program | None:
+        """The symbolic graph of this mode and call pattern that holds for the model as
+        it is now, traced again if none does; ``None``: this pattern traces by running."""
         key = (mode, specialization)
-        if key not in self._programs:
-            with self._build_lock:
-                if key not in self._programs:
-                    self._programs[key] = self._build(mode, specialization)
-        return self._programs[key]
+        programs = self._programs.get(key, [])
+        for program in programs:
+            if program is None or _follows(program):
+                return program
+        with self._build_lock:
+            programs = self._programs.get(key, [])
+            for program in programs:  # another thread traced it meanwhile
+                if program is None or _follows(program):
+                    return program
+            program = self._build(specialization, stale=programs)
+            self._programs[key] = [program] + programs[: MAX_TRACES - 1] if program is not None else [None]
+        return program
 
     def _running_program(self, args: tuple, kwargs: dict) -> Program:
-        """The running trace of this mode that holds for these inputs, traced now if
-        none does (at most ``MAX_TRACES`` per mode are kept)."""
-        mode = self.training
-        traces = self._running[mode]
-        for program in traces:
-            if program.accepts(args, kwargs):
+        """The running trace of this mode that holds for these inputs and the model as
+        it is now, traced now if none does (at most ``MAX_TRACES`` per mode are kept)."""
+        mode = self._model.training
+        for program in self._running[mode]:
+            if program.accepts(args, kwargs) and _follows(program):
                 return program
         if torch.compiler.is_compiling():
             raise RuntimeError(
@@ -166,21 +183,32 @@ class Extractor(torch.nn.Module):
                 "extractor once before compiling it, or pass capture(..., example_inputs=...)."
             )
         with self._build_lock:
-            program = self._build(mode, (), example=(args, kwargs))
+            traces = self._running[mode]
+            stale = [p for p in traces if p.accepts(args, kwargs)]
+            for program in stale:
+                if _follows(program):
+                    return program
+            program = self._build((), example=(args, kwargs), stale=stale)
             self._running[mode] = [program] + traces[: MAX_TRACES - 1]
         return program
 
-    def _build(self, mode: bool, specialization: tuple = (), example: tuple | None = None) -> Program | None:
-        """Build in ``mode``: every module of the model is in that mode while tracing."""
-        modules = list(self._model.modules())
-        previous = [m.training for m in modules]
-        for m in modules:  # forwards that branch on self.training see this mode
-            m.training = mode
-        try:
-            return build_program(self._model, self._spec.replace(specialization=specialization), example)
-        finally:
-            for m, flag in zip(modules, previous):
-                m.training = flag
+    def _build(self, specialization: tuple = (), example: tuple | None = None,
+               stale: list | None = None) -> Program | None:  # fmt: skip
+        """Trace the model as it is now, and guard what the trace read of it. ``stale``:
+        programs of this pattern that the model no longer matches (said in ``explain()``)."""
+        model = self._model
+        with CodeObserver() as seen:
+            program = build_program(model, self._spec.replace(specialization=specialization), example)
+        if program is None:
+            return None
+        # what a graph assumed about the model; run-time capture: which modules it hooks
+        read = seen.names(FrameFilter(model)) if "" not in program.untraced else frozenset()
+        program.model_guard = ModelGuard(model, read, eager=program.untraced, dtypes=program.tracer == "running")
+        changed = next((p.model_guard.changes() for p in stale or () if p and p.model_guard), None)
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            program.notes = program.notes + [f"traced again: the model changed ({'; '.join(changed[:3])}{more})"]
+        return program
 
     def _specialization(self, args: tuple, kwargs: dict) -> tuple[tuple, list]:
         """Which optional arguments this call sets, and all arguments by position."""
@@ -202,32 +230,40 @@ class Extractor(torch.nn.Module):
     def train(self, mode: bool = True) -> "Extractor":
         """Switch the extractor and the model to training (or eval) mode, together.
 
-        The program of the new mode is built first: if that fails, nothing switched.
+        The program of the new mode is built at once: if that fails, nothing switched.
         """
-        program = self._program_for(mode, ())
+        modules = [self, *self._model.modules()]
+        flags = [m.training for m in modules]
         super().train(mode)
         self._model.training = mode
-        self._program = program
+        try:
+            self._program = self._program_for(mode, ())
+        except BaseException:
+            for m, flag in zip(modules, flags):
+                m.training = flag
+            raise
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         model = self._model
+        program = self._program_for(model.training, ())  # the model's mode now
         # fx calls the root's forward itself: its hooks are ours to run (a running trace
         # and the eager model go through nn.Module.__call__, which runs them)
-        root_hooks = self._program is not None and self._program.tracer == "symbolic"
+        root_hooks = program is not None and program.tracer == "symbolic"
         if root_hooks and model._forward_pre_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
-        program = self._program
         if program is None or program.guard is not None:  # traced by running, per guard set
             program = self._running_program(args, kwargs)
         elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
             # optional arguments given: the graph traced for this call pattern
             specialization, positional = self._specialization(args, kwargs)
-            program = self._program_for(self.training, specialization)
+            program = self._program_for(model.training, specialization)
             if program is None:
                 program = self._running_program(args, kwargs)
             elif program.tracer == "symbolic":  # fx's forward takes every argument by position
                 args, kwargs = tuple(positional), {}
+        if program is not self._program:  # what names, explain() and graph show
+            self._program = program
         runtime = program.runtime
         if runtime is None:
             out, feats = program.module(*args, **kwargs)
@@ -241,11 +277,8 @@ class Extractor(torch.nn.Module):
 
     # -- introspection -------------------------------------------------------------
     def _current(self) -> Program | None:
-        """The program of the current mode (the latest running trace), if built."""
-        if self._program is not None:
-            return self._program
-        traces = self._running[self.training]
-        return traces[0] if traces else None
+        """The program of the latest call (or the one built first), if any."""
+        return self._program
 
     @property
     def names(self) -> list[str]:
@@ -338,4 +371,4 @@ class Extractor(torch.nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._build_lock = threading.RLock()
-        self._program = self._program_for(self.training, ())
+        self._program = self._program_for(self._model.training, ())

@@ -15,11 +15,17 @@ Example::
 
 from __future__ import annotations
 
+import enum
+import itertools
+import operator
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.utils._pytree as pytree  # export's input structures (torch 2.14)
+
+from .frames import FrameFilter, ProfileScope
 
 
 @dataclass(frozen=True)
@@ -111,3 +117,186 @@ class InputGuard:
     def _in_range(self, symbol: str, size: int) -> bool:
         low, high = self.ranges.get(symbol, (0, float("inf")))
         return low <= size <= high
+
+
+# -- the model ---------------------------------------------------------------------------
+# nn.Module's own bookkeeping in every module's __dict__ (hooks, state dicts): never a
+# value forward computes with; "training" is guarded for every module on its own
+_MODULE_KEYS = frozenset(torch.nn.Module().__dict__)
+_TRAINING = operator.itemgetter("training")
+_DTYPE = operator.attrgetter("dtype")
+
+
+class CodeObserver(ProfileScope):
+    """The code objects that run while a trace runs (a profile function in the tracing
+    thread only, chained to the one already there, removed on exit).
+
+    Example::
+
+        >>> with CodeObserver() as seen:
+        ...     build_program(model, spec)
+        >>> "output_hidden_states" in seen.names(FrameFilter(model))
+        True
+    """
+
+    def __init__(self) -> None:
+        super().__init__(self._on_event)
+        self.codes: set = set()
+
+    def _on_event(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            self.codes.add(frame.f_code)
+
+    def names(self, frames: FrameFilter) -> frozenset[str]:
+        """Attribute names the model's own code may read: the names its code objects
+        load, and string constants (``getattr(self.config, "use_cache")``)."""
+        found: set[str] = set()
+        for code in self.codes:
+            if frames.watches(code):
+                found.update(code.co_names)
+                found.update(c for c in code.co_consts if type(c) is str and c.isidentifier())
+        return frozenset(found)
+
+
+def _is_plain_object(value: Any) -> bool:
+    """A configuration-like object whose fields forward may read (a transformers
+    ``PretrainedConfig``, a dataclass of options), not a tensor, module, function or type."""
+    return hasattr(value, "__dict__") and not isinstance(
+        value, (torch.Tensor, torch.nn.Module, type, types.FunctionType, types.MethodType, types.ModuleType)
+    )
+
+
+class ModelGuard:
+    """What a graph assumed about the model, checked on every call in microseconds.
+
+    The graph holds while every module it traced through has the same training flag,
+    the same children, parameters and buffers (the very objects), and the same value
+    in each attribute (and field of a config object) whose name the model's code read
+    while tracing; with ``dtypes``, also the dtype of each module's first parameter or
+    buffer (a running trace bakes its casts). The attributes of modules under the
+    ``eager`` paths are not guarded: they run as they are on every call (their
+    structure is: run-time capture holds their modules). :meth:`holds` compares a few lists with
+    ``==``, whose items are mostly the very objects seen while tracing (a pointer
+    comparison each); only a miss looks for what changed.
+
+    Example::
+
+        >>> guard = ModelGuard(gpt2, read=frozenset({"output_hidden_states"}))
+        >>> gpt2.config.output_hidden_states = True
+        >>> guard.holds(), guard.changes()
+        (False, ['config.output_hidden_states: False -> True'])
+    """
+
+    def __init__(self, model: torch.nn.Module, read: frozenset[str], eager: Iterable[str] = (),
+                 dtypes: bool = False) -> None:  # fmt: skip
+        modules = list(model.named_modules())
+        self._paths = [p for p, _ in modules]
+        self._dicts = [m.__dict__ for _, m in modules]
+        self._flags = list(map(_TRAINING, self._dicts))
+        self._holders = [(p, d[k]) for p, d in zip(self._paths, self._dicts)
+                         for k in ("_modules", "_parameters", "_buffers")]  # fmt: skip
+        self._live = [h for _, h in self._holders]
+        self._held = [dict(h) for h in self._live]  # compared with ==: the same objects
+        # attributes read while tracing: plain values compared with ==, objects (a
+        # config, a list, a tensor, and one-element tensors, whose == is a value) by identity
+        plain: list[tuple[str, dict, tuple]] = []
+        objects: list[tuple[str, dict, tuple]] = []
+        seen: set[int] = set()
+        skip = tuple(f"{path}." for path in eager)
+        for path, attrs in zip(self._paths, self._dicts):
+            if not f"{path}.".startswith(skip):
+                self._add_attrs(path, attrs, read, seen, 2, plain, objects)
+        for path, holder in self._holders:
+            small = tuple(k for k, t in holder.items() if isinstance(t, torch.Tensor) and t.numel() <= 1)
+            if small:
+                objects.append((path, holder, small))
+        self._plain, self._objects = _Getters(plain), _Getters(objects)
+        self._plain_values = self._plain.values()
+        self._object_values = self._objects.values()
+        firsts = [next(iter(h.values()), None) for h in self._live[1::3]]  # first parameter
+        self._tensors = [t for t in firsts if isinstance(t, torch.Tensor)] if dtypes else []
+        self._dtypes = list(map(_DTYPE, self._tensors))
+
+    @staticmethod
+    def _add_attrs(name: str, attrs: dict, read: frozenset[str], seen: set[int], depth: int,
+                   plain: list, objects: list) -> None:  # fmt: skip
+        keys = [k for k in attrs if k in read and k not in _MODULE_KEYS]
+        same_value = tuple(k for k in keys if type(attrs[k]) in _PLAIN)
+        same_object = tuple(k for k in keys if type(attrs[k]) not in _PLAIN)
+        if same_value:
+            plain.append((name, attrs, same_value))
+        if same_object:
+            objects.append((name, attrs, same_object))
+        for k in same_object:  # a config object's fields too (and a sub-config's)
+            value = attrs[k]
+            if depth and _is_plain_object(value) and id(value) not in seen:
+                seen.add(id(value))
+                ModelGuard._add_attrs(f"{name}.{k}".lstrip("."), vars(value), read, seen, depth - 1,
+                                      plain, objects)  # fmt: skip
+
+    def holds(self) -> bool:
+        """Is the model as the graph assumed? (a few microseconds when it is)"""
+        try:
+            if (
+                list(map(_TRAINING, self._dicts)) == self._flags
+                and self._live == self._held
+                and self._plain.values() == self._plain_values
+                and all(map(operator.is_, self._objects.values(), self._object_values))
+                and list(map(_DTYPE, self._tensors)) == self._dtypes
+            ):
+                return True
+        except Exception:  # a tensor replaced (its == is elementwise), an attribute deleted
+            pass
+        return not self.changes()
+
+    def changes(self) -> list[str]:
+        """What differs from what the graph assumed, one line per change."""
+        found = [
+            f"{path or 'the model'}: training={attrs['training']}"
+            for path, attrs, flag in zip(self._paths, self._dicts, self._flags)
+            if attrs["training"] is not flag
+        ]
+        for (path, holder), before in zip(self._holders, self._held):
+            for key in holder.keys() | before.keys():
+                if holder.get(key, _MISSING) is not before.get(key, _MISSING):
+                    what = "added" if key not in before else "removed" if key not in holder else "replaced"
+                    found.append(f"{path}.{key}: {what}".lstrip("."))
+        for getters, values, same in ((self._plain, self._plain_values, _equal), (self._objects, self._object_values, operator.is_)):
+            for (name, attrs, keys), value in zip(getters.entries, getters.split(values)):
+                for key, was in zip(keys, value):
+                    now = attrs.get(key, _MISSING)
+                    if not same(now, was):
+                        found.append(f"{name}.{key}: {was!r} -> {now!r}".lstrip("."))
+        if any(t.dtype is not d for t, d in zip(self._tensors, self._dtypes)):
+            found.append("dtypes: " + ", ".join(sorted({str(t.dtype) for t in self._tensors})))
+        return sorted(set(found), key=found.index)
+
+
+class _Getters:
+    """Reads given keys of several dicts into one flat list (C-level itemgetters)."""
+
+    def __init__(self, entries: list[tuple[str, dict, tuple]]) -> None:
+        self.entries = entries
+        self._owners = [attrs for _, attrs, _ in entries]
+        # itemgetter of one key returns the value, of several a tuple: the first key twice
+        self._getters = [operator.itemgetter(*keys, keys[0]) for _, _, keys in entries]
+
+    def values(self) -> list:
+        return list(itertools.chain.from_iterable(map(operator.call, self._getters, self._owners)))
+
+    def split(self, flat: list) -> Iterable[list]:
+        """``flat`` (from :meth:`values`) back into one list per entry."""
+        items = iter(flat)
+        for _, _, keys in self.entries:
+            yield [next(items) for _ in range(len(keys) + 1)][: len(keys)]
+
+
+_MISSING = object()
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False

@@ -42,7 +42,7 @@ from .aliasing import written_bases
 from .attention import ExplicitAttentionMode
 from .frames import FrameFilter, chain_profile
 from .guards import InputGuard
-from .hazards import ModelSnapshot
+from .hazards import ModelSnapshot, PythonState
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -339,7 +339,10 @@ def trace_by_running(
                 held.keep = True
         finally:
             collector.uninstall()
+            state = snapshot.python_state()
             snapshot.restore()  # caches and attributes forward set while exporting
+    if state:  # a graph would keep what they held while exporting
+        raise PythonState(state)
     unlifted = exported.module()
     graph = unlifted.graph
     points: dict[str, fx.Node] = {}

@@ -292,7 +292,7 @@ class CaptureTracer(fx.Tracer):
         if event == "c_call":
             function = custom_function(arg)
             if function is not None:  # its backward lives only in eager calls
-                self.eager_modules[self._module_stack[-1] if self._module_stack else ""] = function
+                self.eager_modules[self._module_stack[-1] if self._module_stack else ""] = f"calls {function}"
             return
         if event != "return" or not self.frames.watches_frame(frame):
             return
@@ -311,6 +311,18 @@ class CaptureTracer(fx.Tracer):
             else:
                 continue
             self.local_records.append(LocalRecord(module, function, name, value, last))
+
+    def _python_state(self, root: torch.nn.Module, state: dict[str, list[str]]) -> None:
+        """Modules whose Python state the trace changed run eagerly: the graph would
+        keep the value it had while tracing. A leaf did not run here, so what changed
+        its state is the module around it."""
+        modules = dict(root.named_modules(remove_duplicate=False))
+        for path, keys in state.items():
+            owner = path
+            while owner and self.is_leaf_module(modules[owner], owner):
+                owner = owner.rpartition(".")[0]
+            attrs = ", ".join(f"{path}.{k}".lstrip(".") for k in keys)
+            self.eager_modules.setdefault(owner, f"keeps Python state ({attrs})")
 
     # -- entry point -----------------------------------------------------------
     def trace_model(
@@ -336,11 +348,14 @@ class CaptureTracer(fx.Tracer):
                         # every later trace in the process (a dotted name is no global)
                         node.meta.pop("is_wrapped", None)
             finally:
+                state = snapshot.python_state() if snapshot is not None else {}
                 changed = snapshot.restore() if snapshot is not None else []
                 written = snapshot.written() if snapshot is not None else []
                 advanced = not torch.equal(rng, torch.random.get_rng_state())
                 torch.random.set_rng_state(rng)
-        self.hazards += [f"forward assigns {name}" for name in changed]
+        self._python_state(root, state)
+        python = {f"{path}.{key}".lstrip(".") for path, keys in state.items() for key in keys}
+        self.hazards += [f"forward assigns {name}" for name in changed if name not in python]
         self.hazards += [f"tracing wrote into {name}" for name in written]
         if advanced:
             self.hazards.append("random numbers drawn outside the graph (frozen by a symbolic trace)")
