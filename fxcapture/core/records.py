@@ -152,3 +152,26 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
             continue  # the outer frame also has values of its own under that key
         aliases[alias_base] = origin
     return Catalogue(records, aliases)
+
+
+def nested(catalogue: Catalogue, path: str) -> Catalogue:
+    """A submodule's own names as the whole model names them; graph nodes are left out.
+
+    Example::
+
+        >>> nested(build_catalogue(tracer.trace_model(blocks), blocks), "blocks").records[0].key
+        'blocks.0'
+    """
+
+    def at(module: str) -> str:
+        return f"{path}.{module}" if module else path
+
+    records = []
+    for r in catalogue:
+        if r.kind == NODE:
+            continue
+        base = at(r.base) if r.kind == MODULE else f"{at(r.module)}:{r.variable}"
+        records.append(NameInfo(base + r.key[len(r.base):], r.kind, at(r.module), r.op, base, r.call))
+    aliases = {f"{at(a.partition(':')[0])}:{a.partition(':')[2]}": f"{at(o.partition(':')[0])}:{o.partition(':')[2]}"
+               for a, o in catalogue.aliases.items()}  # fmt: skip
+    return Catalogue(records, aliases)
