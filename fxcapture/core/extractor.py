@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .build import Program, build_program
 from .records import Catalogue
+from .runtime import refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
 MAX_TRACES = 8  # running traces kept per mode (one per set of guards)
@@ -107,7 +108,7 @@ class Extractor(torch.nn.Module):
             if program.accepts(args, kwargs):
                 return program
         if torch.compiler.is_compiling():
-            raise RuntimeError(
+            refuse_under_compile(
                 "fxcapture: this extractor traces the model by running it on the first call "
                 "with new kinds of inputs, which cannot happen inside torch.compile: call the "
                 "extractor once before compiling it, or pass capture(..., example_inputs=...)."

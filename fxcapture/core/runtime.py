@@ -201,7 +201,7 @@ class RuntimeCapture:
     @contextlib.contextmanager
     def session(self) -> Iterator[_Session]:
         if torch.compiler.is_compiling():
-            raise RuntimeError(RUN_TIME_UNDER_COMPILE.format(where=_describe(self.regions)))
+            refuse_under_compile(RUN_TIME_UNDER_COMPILE.format(where=_describe(self.regions)))
         with self._lock:
             discovering = not self.discovered
         session = _Session(self, discovering)
@@ -408,6 +408,17 @@ RUN_TIME_UNDER_COMPILE = (
     "without capture, make those modules traceable (leaf_modules=, concrete_args=), or "
     "capture only values of the traced part."
 )
+
+
+@torch.compiler.assume_constant_result
+def refuse_under_compile(message: str) -> None:
+    """Raise ``RuntimeError(message)``, also while torch.compile traces the caller.
+
+    Marked as a constant for torch.compile, dynamo runs it while tracing and the message
+    is the first line of the error it raises (a ``raise`` dynamo traces would surface as
+    "Observed exception", the message hidden in its debug context).
+    """
+    raise RuntimeError(message)
 
 
 def _describe(regions: dict[str, str]) -> str:
