@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch.nn as nn
 
 from ..core.build import trace_symbolic
+from ..core.records import build_catalogue
 from ..core.select import match
 from ..core.spec import CaptureSpec
 from .monitor_store import RECORD_TYPES
@@ -80,7 +81,7 @@ def unknown_layers_error(model: nn.Module, specs: list[LayerSpec], capture_kwarg
         spec = CaptureSpec((), leaf_modules=capture_kwargs.get("leaf_modules", ()),
                            autowrap_functions=capture_kwargs.get("autowrap_functions", ()),
                            concrete_args=capture_kwargs.get("concrete_args"))  # fmt: skip
-        _, catalogue = trace_symbolic(model, spec)
+        catalogue = build_catalogue(trace_symbolic(model, spec), model)
         missing = [s.layer for s in specs if not match(catalogue, s.layer)]
     except Exception:  # the model cannot be traced: the original error says why
         return cause

@@ -161,37 +161,52 @@ def _expose_mha(result: TraceResult, node: fx.Node) -> None:
 
 # -- unfused attention: softmax(scores) (-> dropout / dtype cast) -> matmul with values ---
 SOFTMAX_FUNCTION = "softmax"
-_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
-_PASS_FUNCTIONS = (F.dropout, torch.dropout)  # a probability tensor stays one through these
-_PASS_METHODS = ("to", "type_as", "float", "half", "bfloat16", "contiguous")
-_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.Tensor.matmul)
-_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
+SOFTMAX, PASS, MATMUL = "softmax", "pass", "matmul"
+# functions and Tensor methods (by name), and module classes, by their part in attention
+_ROLES: dict[Any, str] = {
+    **dict.fromkeys((F.softmax, torch.softmax, torch.Tensor.softmax, "softmax", torch.nn.Softmax), SOFTMAX),
+    # a probability tensor stays one through these
+    **dict.fromkeys((F.dropout, torch.dropout, torch.nn.Dropout, "to", "type_as", "float", "half",
+                     "bfloat16", "contiguous"), PASS),  # fmt: skip
+    **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.Tensor.matmul,
+                     "matmul", "bmm", "__matmul__"), MATMUL),  # fmt: skip
+}
 
 
-def _is_softmax(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
-    return (
-        (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)
-        or (node.op == "call_method" and node.target == "softmax")
-        or (node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Softmax))
-    )
+def attention_role(op: Any) -> str | None:
+    """The part ``op`` plays in unfused attention, ``softmax(scores)`` -> dropout or casts
+    -> ``probs @ values``: ``"softmax"``, ``"pass"``, ``"matmul"`` or ``None``.
+
+    The one recogniser of the graph rewrite and of :class:`ExplicitAttentionMode`;
+    ``op`` is a function, a Tensor method or its name, or a module.
+
+    Example::
+
+        >>> attention_role(F.softmax), attention_role("to"), attention_role(nn.Dropout())
+        ('softmax', 'pass', 'pass')
+    """
+    if isinstance(op, torch.nn.Module):
+        return next((_ROLES[c] for c in type(op).__mro__ if c in _ROLES), None)
+    try:
+        role = _ROLES.get(op)
+    except TypeError:  # an unhashable callable
+        return None
+    return role if role is not None or isinstance(op, str) else _ROLES.get(getattr(op, "__name__", None))
 
 
-def _passes_through(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
-    return (
-        (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-        or (node.op == "call_method" and node.target in _PASS_METHODS)
-        or (node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Dropout))
-    )
+def _node_role(node: fx.Node, modules: dict[str, torch.nn.Module]) -> str | None:
+    if node.op == "call_module":
+        return attention_role(modules.get(node.target))
+    return attention_role(node.target) if node.op in ("call_function", "call_method") else None
 
 
 def _feeds_matmul(node: fx.Node, modules: dict[str, torch.nn.Module], depth: int = 4) -> bool:
     """Is ``node`` (through dropout / casts) the left operand of a matmul?"""
     for user in node.users:
-        if user.op == "call_function" and user.target in _MATMUL_FUNCTIONS and node in user.args:
+        role = _node_role(user, modules)
+        if role == MATMUL and (node in user.args if user.op == "call_function" else user.args[0] is node):
             return True
-        if user.op == "call_method" and user.target in _MATMUL_METHODS and user.args[0] is node:
-            return True
-        if depth and _passes_through(user, modules) and _feeds_matmul(user, modules, depth - 1):
+        if depth and role == PASS and _feeds_matmul(user, modules, depth - 1):
             return True
     return False
 
@@ -199,7 +214,7 @@ def _feeds_matmul(node: fx.Node, modules: dict[str, torch.nn.Module], depth: int
 def _name_unfused(result: TraceResult, modules: dict[str, torch.nn.Module]) -> None:
     """Unfused attention (``softmax(q @ k^T) @ v``): its softmax output is ``attn_probs`` too."""
     for node in result.graph.nodes:
-        if _is_softmax(node, modules) and _feeds_matmul(node, modules):
+        if _node_role(node, modules) == SOFTMAX and _feeds_matmul(node, modules):
             module = node.meta.get("fxcapture_module", "")
             result.locals.append(LocalRecord(module, SOFTMAX_FUNCTION, PROBS, node))
 
@@ -270,18 +285,19 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
 
     def _follow_unfused(self, func: Any, args: tuple, out: Any) -> None:
         """softmax -> (dropout, casts) -> matmul: report the softmax output at the matmul."""
-        if func in _SOFTMAX_FUNCTIONS:
+        role = attention_role(func)
+        if role == SOFTMAX:
             if isinstance(out, torch.Tensor):
                 self._pending[id(out)] = (out, out)
             return
         first = args[0] if args else None
-        held = self._pending.get(id(first)) if isinstance(first, torch.Tensor) else None
+        held = self._pending.get(id(first)) if role and isinstance(first, torch.Tensor) else None
         if held is None or held[0] is not first:
             return
-        if func in _PASS_FUNCTIONS or getattr(func, "__name__", "") in _PASS_METHODS:
+        if role == PASS:
             if isinstance(out, torch.Tensor):
                 self._pending[id(out)] = (out, held[1])
-        elif func in _MATMUL_FUNCTIONS or getattr(func, "__name__", "") in _MATMUL_METHODS:
+        else:
             self._pending = {k: v for k, v in self._pending.items() if v[1] is not held[1]}
             self.on_probs(held[1])
 

@@ -12,8 +12,7 @@ Example::
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import torch
@@ -25,8 +24,9 @@ from .attention import expose_attention_weights
 from .edit import apply_edits
 from .guards import InputGuard, ModelGuard
 from .hazards import global_hooks, has_hooks, hooked_modules
+from .policy import LATER, RAISE, RUN_TIME, RUNNING, Attempt, decide
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
-from .records import Catalogue, NameInfo, build_catalogue
+from .records import Catalogue, NameInfo, build_catalogue, nested
 from .running import trace_by_running
 from .runtime import RuntimeCapture
 from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error
@@ -46,8 +46,8 @@ class Program:
     runtime: RuntimeCapture | None = None  # captures inside untraced regions
     untraced: dict[str, str] = field(default_factory=dict)  # module path -> why
     guard: InputGuard | None = None  # the inputs a running trace holds for (None: all)
-    notes: list[str] = field(default_factory=list)  # why this tracer
     model_guard: ModelGuard | None = None  # what the graph assumed about the model (None: nothing)
+    notes: list[str] = field(default_factory=list)  # why this tracer
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
@@ -80,7 +80,7 @@ def concrete_args(model: torch.nn.Module, spec: CaptureSpec) -> dict:
 
 def trace_symbolic(
     model: torch.nn.Module, spec: CaptureSpec, extra_leaves: Iterable[str] = ()
-) -> tuple[TraceResult, Catalogue]:
+) -> TraceResult:
     """Trace ``model`` with torch.fx (a plain function or a static ``forward`` too)."""
     tracer = CaptureTracer(tuple(spec.leaf_modules) + tuple(extra_leaves), spec.autowrap_functions)
     try:
@@ -90,7 +90,7 @@ def trace_symbolic(
         raise
     if spec.attention is not None:
         expose_attention_weights(result, model, mode=spec.attention)
-    return result, build_catalogue(result, model)
+    return result
 
 
 def first_line(err: BaseException) -> str:
@@ -99,30 +99,37 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def trace_with_fallback(
-    model: torch.nn.Module, spec: CaptureSpec, regions: dict[str, str] | None = None
-) -> tuple[TraceResult | None, Catalogue | None, dict[str, str]]:
-    """Trace as much as fx can; return the modules that must run eagerly, with why.
+def attempt_symbolic(
+    model: torch.nn.Module, spec: CaptureSpec, has_example: bool = False
+) -> tuple[Attempt, TraceResult | None, BaseException | None]:
+    """Trace with fx and say what it saw (:class:`~.policy.Attempt`), with the graph.
 
-    ``regions`` run eagerly from the start (modules with hooks). Each failure names
-    the innermost module being traced; it becomes a leaf and the trace is retried. A
-    failure outside every submodule leaves the whole model eager. With
-    ``fallback="never"`` a failure raises :class:`TraceFailure`.
+    Modules with hooks are leaves from the start; each submodule fx fails on, or that
+    calls a custom ``autograd.Function``, becomes a leaf and the trace is retried. With
+    ``fallback="never"`` the first failure ends it (the :class:`TraceFailure` is returned).
     """
-    if spec.fallback == "always":
-        return None, None, {"": "fallback='always'"}
-    untraced: dict[str, str] = dict(regions or {})
+    seen = Attempt(spec.fallback, hooks=hooked_modules(model), root_hooks=has_hooks(model),
+                   global_hooks=global_hooks(), has_example=has_example)  # fmt: skip
+    if spec.fallback == "always" or seen.global_hooks:
+        return seen, None, None
+    failed: dict[str, str] = {}
+    custom: dict[str, str] = {}
     while True:
         try:
-            result, catalogue = trace_symbolic(model, spec, untraced)
-            return result, catalogue, untraced
+            result = trace_symbolic(model, spec, [*seen.hooks, *failed, *custom])
         except Exception as err:
-            failed = getattr(err, "fxcapture_failed_module", None)
-            if spec.fallback == "never":
-                raise _trace_failure(model, failed, err) from err
-            if not failed or failed in untraced:
-                return None, None, {"": first_line(err)}
-            untraced[failed] = first_line(err)
+            where = getattr(err, "fxcapture_failed_module", None)
+            if spec.fallback != "never" and where and where not in failed:
+                failed[where] = first_line(err)
+                continue
+            error = _trace_failure(model, where, err)
+            error.__cause__ = err
+            return replace(seen, failure=first_line(err), failed=failed, eager_calls=custom), None, error
+        new = {p: fn for p, fn in result.eager_modules.items() if p not in custom}
+        custom.update(new)
+        if not new or "" in new:
+            return replace(seen, traced=True, failed=failed, hazards=tuple(result.hazards),
+                           eager_calls=custom), result, None  # fmt: skip
 
 
 def _trace_failure(model: torch.nn.Module, failed: str | None, err: BaseException) -> TraceFailure:
@@ -144,6 +151,36 @@ def _is_exact(selector: Any) -> bool:
     return isinstance(selector, str) and not is_glob(selector) and (
         ":" in selector or "." in selector or "%" in selector
     )
+
+
+class _RegionNames:
+    """The names inside a program's eager leaves, listed by tracing each leaf on its own
+    when a selector is not in the graph, so that an unknown name is refused when the
+    extractor is built. A leaf fx cannot trace may hold any name (known at the first call)."""
+
+    def __init__(self, model: torch.nn.Module, spec: CaptureSpec, regions: dict[str, str]) -> None:
+        self.model, self.spec, self.regions = model, spec, regions
+        self._catalogues: list[Catalogue] | None = None
+
+    def may_hold(self, selector: Any) -> bool:
+        if self._catalogues is None:
+            self._catalogues = self._list()
+        if any(c is None for c in self._catalogues):
+            return True
+        return any(match(c, selector) for c in self._catalogues)
+
+    def _list(self) -> list[Catalogue | None]:
+        catalogues = []
+        for path in self.regions:
+            module = self.model.get_submodule(path)
+            leaves = tuple(self.spec.leaf_modules) + tuple(hooked_modules(module))
+            try:
+                result = CaptureTracer(leaves, self.spec.autowrap_functions).trace_model(module)
+            except Exception:  # no tracer follows it: its names are known at run time only
+                catalogues.append(None)
+                continue
+            catalogues.append(nested(build_catalogue(result, module), path) if path else None)
+        return catalogues
 
 
 class EagerModel(torch.nn.Module):
@@ -216,50 +253,29 @@ class Trace:
 def choose_trace(
     model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
 ) -> Trace | None:
-    """The exact trace of ``model`` (see :func:`build_program`); ``None`` when it needs
-    example inputs that are not given."""
-    if spec.fallback == "always" or global_hooks():
-        why = "fallback='always'" if spec.fallback == "always" else "global module hooks"
-        return Trace(None, None, {"": why}, "run time")
-    eager = {path: "has hooks: runs as the model runs it" for path in hooked_modules(model)}
-    while True:
+    """Trace ``model`` with the tracer :func:`~.policy.decide` picks (see
+    :func:`build_program`); ``None`` when that is the running tracer and no example
+    inputs are given. The records are made once, for the chosen trace."""
+    attempt, result, error = attempt_symbolic(model, spec, example is not None)
+    decision, guard = decide(attempt), None
+    if decision.tracer == RUNNING:
         try:
-            result, catalogue, untraced = trace_with_fallback(model, spec, eager)
-        except TraceFailure:
-            result, catalogue, untraced, failure = None, None, {}, sys.exc_info()[1]
-        else:
-            failure = None
-        calls = result.eager_modules if result is not None else {}
-        if not calls or "" in calls or set(calls) <= set(eager):
-            break
-        eager.update({p: f"{why}: runs eagerly" for p, why in calls.items()})
-    failed = {p: why for p, why in untraced.items() if p not in eager}
-    hazards = (result.hazards if result is not None else []) + [
-        f"the model's forward {why}" for p, why in calls.items() if p == ""
-    ]
-    if result is not None and not failed and not hazards:
-        return Trace(result, catalogue, untraced, "symbolic")
-    notes = hazards + [f"{p or 'the model'}: {why}" for p, why in failed.items()]
-    if eager or has_hooks(model) or calls:  # these stay exact only as eager leaves
-        if failure is not None:
-            raise failure
-        if hazards:
-            return Trace(None, None, {"": "; ".join(hazards)}, "run time", notes=notes)
-        return Trace(result, catalogue, untraced, "symbolic" if result is not None else "run time")
-    if example is None:
+            result, guard = trace_by_running(model, *example, attention=spec.attention)
+        except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
+            raise
+        except Exception as err:
+            if error is None:
+                error = _trace_failure(model, None, err)
+                error.__cause__ = err
+            decision = decide(replace(attempt, running_failure=first_line(err)))
+    if decision.tracer == RAISE:
+        raise error
+    if decision.tracer == LATER:
         return None
-    try:
-        running, guard = trace_by_running(model, *example, attention=spec.attention)
-    except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
-        raise
-    except Exception as err:
-        if spec.fallback == "never":
-            raise (failure or _trace_failure(model, None, err)) from err
-        why = f"torch.export: {first_line(err)}"
-        if result is None or hazards:
-            return Trace(None, None, {"": why}, "run time", notes=notes)
-        return Trace(result, catalogue, untraced, "symbolic", notes=notes + [why])
-    return Trace(running, build_catalogue(running, model), {}, "running", guard, notes)
+    if decision.tracer == RUN_TIME:
+        result = None
+    catalogue = build_catalogue(result, model) if result is not None else None
+    return Trace(result, catalogue, decision.eager_leaves, decision.tracer, guard, [decision.reason])
 
 
 def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) -> Program:
@@ -273,11 +289,12 @@ def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) 
                        untraced=untraced, notes=trace.notes)  # fmt: skip
 
     graph_pairs, runtime_pairs = SelectorPairs(), []
+    inside = _RegionNames(model, spec, untraced)
     for alias, selector in pairs:
         found = match(catalogue, selector)
         if found:
             graph_pairs.append((alias, selector))
-        if untraced and (not found or not _is_exact(selector)):
+        if untraced and (not found or not _is_exact(selector)) and (found or inside.may_hold(selector)):
             runtime_pairs.append((alias, selector))
         elif not found:
             raise unknown_selector_error(catalogue, selector, model, result.leaf_paths)

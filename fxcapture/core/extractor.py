@@ -21,6 +21,7 @@ from .build import Program, build_program
 from .frames import FrameFilter
 from .guards import CodeObserver, ModelGuard
 from .records import Catalogue
+from .runtime import refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
 MAX_TRACES = 8  # running traces kept per mode (one per set of guards)
@@ -177,7 +178,7 @@ class Extractor(torch.nn.Module):
             if program.accepts(args, kwargs) and _follows(program):
                 return program
         if torch.compiler.is_compiling():
-            raise RuntimeError(
+            refuse_under_compile(
                 "fxcapture: this extractor traces the model by running it on the first call "
                 "with new kinds of inputs, which cannot happen inside torch.compile: call the "
                 "extractor once before compiling it, or pass capture(..., example_inputs=...)."

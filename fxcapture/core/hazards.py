@@ -77,16 +77,37 @@ def is_user_hook(hook: Any) -> bool:
     return code is None or not is_library_file(code.co_filename)
 
 
+def user_hooks(module: torch.nn.Module) -> list[str]:
+    """The module's forward, pre-forward and backward hooks written by the user, named
+    as ``explain()`` names them: ``["forward hook log_output", "forward pre hook <lambda>"]``."""
+    return [
+        f"{name.strip('_').replace('_', ' ')[:-1]} {_hook_name(hook)}"
+        for name in _HOOK_DICTS
+        for hook in getattr(module, name, {}).values()
+        if is_user_hook(hook)
+    ]
+
+
+def _hook_name(hook: Any) -> str:
+    hook = getattr(hook, "func", hook)  # functools.partial
+    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """Does the module have forward, pre-forward or backward hooks written by the user?"""
-    return any(
-        is_user_hook(hook) for name in _HOOK_DICTS for hook in getattr(module, name, {}).values()
-    )
+    return bool(user_hooks(module))
 
 
-def hooked_modules(model: torch.nn.Module) -> list[str]:
-    """Paths of the submodules (not the root) that have user hooks."""
-    return [path for path, m in model.named_modules() if path and has_hooks(m)]
+def hooked_modules(model: torch.nn.Module) -> dict[str, str]:
+    """``{path: its user hooks}`` for the submodules (not the root) that have some.
+
+    Example::
+
+        >>> hooked_modules(model)
+        {'blocks.0': 'forward hook log_output'}
+    """
+    found = ((path, user_hooks(m)) for path, m in model.named_modules() if path)
+    return {path: ", ".join(hooks) for path, hooks in found if hooks}
 
 
 def global_hooks() -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -80,75 +80,124 @@ class Catalogue:
         return len(self.records)
 
 
-def _keyed(base: str, values: list[Any]) -> list[tuple[str, int | None, Any]]:
-    if len(values) == 1:
-        return [(base, None, values[0])]
-    return [(f"{base}@{i}", i, v) for i, v in enumerate(values)]
+@dataclass
+class Observation:
+    """What a tracer saw: a module's return value, or a function's local when it returned.
+
+    Every tracer observes the same way (the graph tracers at trace time, run-time capture
+    per call) and :func:`key_observations` keys them all.
+
+    Attributes:
+        kind: ``"module"`` or ``"local"``.
+        module: path of the module that owns it (``""`` for the root).
+        op: the module's class, or the qualified name of the function that held the local.
+        name: the local variable (``""`` for a module output).
+        value: the value as ``fx.Node`` (graph tracers) or tensors (run time).
+        position: where it comes in execution order (graph node index, run-time clock).
+    """
+
+    kind: str
+    module: str
+    op: str
+    name: str
+    value: Any = field(repr=False)
+    position: int = -1
+
+    @property
+    def base(self) -> str:
+        return self.module if self.kind == MODULE else f"{self.module}:{self.name}"
+
+
+def key_observations(
+    observations: list[Observation], parts: Callable[[Any], list[Any]]
+) -> tuple[list[NameInfo], dict[str, str]]:
+    """Records and aliases of observations, in execution order: the one keying.
+
+    A base observed k > 1 times gets ``base@0`` ... ``base@k-1``. A local holding the
+    same values (``parts``: its graph nodes, or its tensors) under the same name as one
+    observed before (an inner frame returns first) is that capture: its base becomes an
+    alias, unless it has values of its own.
+
+    Example::
+
+        >>> records, aliases = key_observations(observations, nodes)
+        >>> [r.key for r in records][:2]
+        ['blocks.0.attn:attn', 'blocks.0.attn']
+    """
+    by_base: dict[str, list[Observation]] = defaultdict(list)
+    first_seen: dict[tuple, str] = {}  # (name, ids of its parts) -> base where created
+    alias_bases: dict[str, str] = {}
+    for obs in observations:
+        if obs.kind == LOCAL:
+            identity = (obs.name, tuple(id(p) for p in parts(obs.value)))
+            origin = first_seen.get(identity)
+            if origin is not None:  # the same value, keyed where it was created
+                if origin != obs.base:
+                    alias_bases.setdefault(obs.base, origin)
+                continue
+            first_seen[identity] = obs.base
+        by_base[obs.base].append(obs)
+    records = []
+    for base, seen in by_base.items():
+        for i, obs in enumerate(seen):
+            key, call = (base, None) if len(seen) == 1 else (f"{base}@{i}", i)
+            records.append(NameInfo(key, obs.kind, obs.module, obs.op, base, call, obs.value, obs.position))
+    records.sort(key=lambda r: (r.order, _KIND_RANK[r.kind]))
+    aliases = {alias: origin for alias, origin in alias_bases.items() if alias not in by_base}
+    return records, aliases
+
+
+_KIND_RANK = {LOCAL: 0, MODULE: 1, NODE: 2}
 
 
 def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
-    """Turn what the tracer saw into keyed :class:`NameInfo` records."""
-    order = {node: i for i, node in enumerate(result.graph.nodes)}
+    """Turn what a graph tracer saw into keyed :class:`NameInfo` records, graph nodes last
+    among values made by the same op."""
     modules = dict(root.named_modules())
-
-    def position(value: Any) -> int:
-        return max((order.get(n, -1) for n in nodes(value)), default=-1)
-
-    records: list[NameInfo] = []
-
-    calls: dict[str, list[Any]] = defaultdict(list)
-    for path, value in result.module_calls:
-        calls[path].append(value)
-    for path, values in calls.items():
-        op = type(modules[path]).__name__ if path in modules else "Module"
-        for key, call, value in _keyed(path, values):
-            records.append(NameInfo(key, MODULE, path, op, path, call, value))
-
-    # Locals: one value per distinct (module, name, nodes); the same nodes under the
-    # same name in an outer frame become an alias of the innermost one.
-    local_values: dict[str, list[Any]] = defaultdict(list)
-    local_function: dict[str, list[str]] = defaultdict(list)  # per value: a helper's
-    # locals share their base key with the calling forward's (`x` in both)
-    first_seen: dict[tuple, str] = {}  # (name, node ids) -> base key where created
-    alias_bases: dict[str, str] = {}
     aliasing = Aliasing(result.graph, modules)
+    observations = [
+        Observation(MODULE, path, type(modules[path]).__name__ if path in modules else "Module", "", value)
+        for path, value in result.module_calls
+    ]
     for rec in result.locals:
-        base = f"{rec.module}:{rec.name}"
         if rec.returned_after is not None:  # in-place writes before the return count
             rec.value = map_nodes(lambda v: value_at(v, rec.returned_after, aliasing), rec.value)
-        identity = (rec.name, tuple(id(n) for n in nodes(rec.value)))
-        origin = first_seen.get(identity)
-        if origin is not None:
-            if origin != base:
-                alias_bases.setdefault(base, origin)
-            continue
-        first_seen[identity] = base
-        local_values[base].append(rec.value)
-        local_function[base].append(rec.function)
-    for base, values in local_values.items():
-        module = base.rpartition(":")[0]
-        for (key, call, value), function in zip(_keyed(base, values), local_function[base]):
-            records.append(NameInfo(key, LOCAL, module, function, base, call, value))
-
+        observations.append(Observation(LOCAL, rec.module, rec.function, rec.name, rec.value))
     order = {node: i for i, node in enumerate(result.graph.nodes)}  # with value_at's reads
+    for obs in observations:
+        obs.position = max((order.get(n, -1) for n in nodes(obs.value)), default=-1)
+    records, aliases = key_observations(observations, nodes)
     for node in result.graph.nodes:
         if node.op == "output" or node.meta.get("fxcapture_read"):
             continue
         target = node.target if isinstance(node.target, str) else getattr(
             node.target, "__name__", str(node.target)
         )
-        op = f"{node.op} {target}"
         module = node.meta.get("fxcapture_module", "")
-        records.append(NameInfo(f"%{node.name}", NODE, module, op, f"%{node.name}", None, node))
+        records.append(NameInfo(f"%{node.name}", NODE, module, f"{node.op} {target}", f"%{node.name}",
+                                None, node, order[node]))  # fmt: skip
+    records.sort(key=lambda r: (r.order, _KIND_RANK[r.kind]))
+    return Catalogue(records, aliases)
 
-    for r in records:
-        r.order = position(r.value)
-    kind_rank = {LOCAL: 0, MODULE: 1, NODE: 2}
-    records.sort(key=lambda r: (r.order, kind_rank[r.kind]))
 
-    aliases: dict[str, str] = {}
-    for alias_base, origin in alias_bases.items():
-        if alias_base in local_values:
-            continue  # the outer frame also has values of its own under that key
-        aliases[alias_base] = origin
+def nested(catalogue: Catalogue, path: str) -> Catalogue:
+    """A submodule's own names as the whole model names them; graph nodes are left out.
+
+    Example::
+
+        >>> nested(build_catalogue(tracer.trace_model(blocks), blocks), "blocks").records[0].key
+        'blocks.0'
+    """
+
+    def at(module: str) -> str:
+        return f"{path}.{module}" if module else path
+
+    records = []
+    for r in catalogue:
+        if r.kind == NODE:
+            continue
+        base = at(r.base) if r.kind == MODULE else f"{at(r.module)}:{r.variable}"
+        records.append(NameInfo(base + r.key[len(r.base):], r.kind, at(r.module), r.op, base, r.call))
+    aliases = {f"{at(a.partition(':')[0])}:{a.partition(':')[2]}": f"{at(o.partition(':')[0])}:{o.partition(':')[2]}"
+               for a, o in catalogue.aliases.items()}  # fmt: skip
     return Catalogue(records, aliases)

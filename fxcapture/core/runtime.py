@@ -8,13 +8,16 @@ A model (or a submodule) with data-dependent Python control flow runs eagerly as
   on only while a region runs and reads ``frame.f_locals`` when a watched function
   returns. No function's ``__code__`` is ever rewritten.
 
-Keys follow the graph's scheme (:mod:`.records`). The first call *discovers* the
-run-time names: it records every module output and local in the regions, resolves
-the selectors the graph could not, and notes which values a later in-place op
-overwrote (those are cloned from then on). Later calls watch only the modules and
-functions that hold the selected values, and key what each call produced: a module
-called a data-dependent number of times gives that call's ``key@0..k-1``; a selected
-module that did not run on a call is missing from that call with a warning.
+Run-time capture only observes: module outputs and locals become
+:class:`~.records.Observation` s of the call, keyed by the same
+:func:`~.records.key_observations` as a graph's and selected by the same
+:func:`~.select.match` / :func:`~.select.resolve`, so the keys, their ``@i`` and
+their order are the graph tracers' (a clock on torch functions orders the values as
+a graph orders its nodes). The first call *discovers* which functions and modules
+hold the selected values and which values a later in-place op overwrites (those are
+cloned from then on); later calls watch only those. A module called a data-dependent
+number of times gives that call's ``key@0..k-1``; a selected module that did not run
+on a call is missing from that call with a warning.
 
 Everything a call installs belongs to that call: two threads sharing one extractor
 never see each other's values.
@@ -32,6 +35,7 @@ import contextlib
 import sys
 import threading
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -42,8 +46,8 @@ from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
 from .frames import FrameFilter, chain_profile
-from .records import LOCAL, MODULE, Catalogue, NameInfo
-from .select import Selector, match_record, unknown_selector_error
+from .records import LOCAL, MODULE, Catalogue, NameInfo, Observation, key_observations
+from .select import Selector, SelectorPairs, match, match_record, resolve, unknown_selector_error
 
 _ACTIVE = threading.local()  # the session of the extractor call running in this thread
 
@@ -65,6 +69,40 @@ def _same(a: Any, b: Any) -> bool:
     )
 
 
+class _Clock(torch.overrides.TorchFunctionMode):
+    """Execution order at run time: each tensor a torch function returns gets the next
+    tick (as a graph numbers its nodes), so run-time observations sort like the graph's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tick = 0
+        self._ticks: dict[int, tuple[int, weakref.ref]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tick += 1
+        for t in leaves(out):
+            self._ticks[id(t)] = (self.tick, weakref.ref(t))
+        return out
+
+    def position(self, value: Any) -> int:
+        """The latest tick of the tensors in ``value`` (-1: none made during this call)."""
+        found = [-1]
+        for t in leaves(value):
+            tick, ref = self._ticks.get(id(t), (-1, None))
+            found.append(tick if ref is not None and ref() is t else -1)
+        return max(found)
+
+
+@dataclass
+class _Seen:
+    """An observed value: as the model holds it (its identity keys it) and as kept."""
+
+    value: Any
+    kept: Any
+    code: Any = None  # the code object of the frame holding a local
+
+
 @dataclass
 class _Plan:
     """What the first call learned about one selected run-time value."""
@@ -76,27 +114,31 @@ class _Plan:
 
 @dataclass
 class _Session:
-    """Values recorded during one call, and what that call installed."""
+    """Everything of one call: what it observed and what it installed."""
 
     capture: "RuntimeCapture"
     discovering: bool
-    values: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    observations: list[Observation] = field(default_factory=list)
+    clock: _Clock = field(default_factory=_Clock)
     previous_profile: Any = None
     depth: int = 0
     edit_calls: dict[str, int] = field(default_factory=dict)
-    # discovery only
-    originals: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    seen: dict[tuple, str] = field(default_factory=dict)
-    keep_alive: list[Any] = field(default_factory=list)
-    infos: dict[str, NameInfo] = field(default_factory=dict)
-    codes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
 
     def is_current(self) -> bool:
         return getattr(_ACTIVE, "session", None) is self
 
 
+def _parts(seen: _Seen) -> list[Any]:
+    return leaves(seen.value)
+
+
 class RuntimeCapture:
     """Run-time capture inside the untraced regions of one extractor.
+
+    It only observes: module outputs (forward hooks) and locals at return (a profile
+    function) become :class:`~.records.Observation` s of the call, which
+    :func:`~.records.key_observations` keys as it keys a graph's, and
+    :func:`~.select.match` selects from. Every call has its own :class:`_Session`.
 
     Args:
         root: the model.
@@ -136,20 +178,22 @@ class RuntimeCapture:
                 self.paths.setdefault(id(module), path)
                 self.modules.setdefault(path, module)
         self.region_modules = [root.get_submodule(r) if r else root for r in regions]
+        # set once, by the first call (under the lock); read-only afterwards
         self.discovered = False
         self.catalogue: list[NameInfo] = []  # every run-time value seen by the first call
-        # per selector: (alias, [(base, call or None for every call)])
-        self.selection: list[tuple[str | None, list[tuple[str, int | None]]]] = []
+        self.aliases: dict[str, str] = {}
         self.plans: dict[str, _Plan] = {}  # base -> plan, for the selected bases
         self.local_codes: dict[Any, set[str]] = {}
-        self.features: dict[str, tuple[str, int]] = {}  # keys of the latest call -> (base, call)
+        self.calls: dict[str, int] = {}  # module path -> calls on the first call (edit keys)
+        # what the latest call returned, for names and explain() only
+        self.features: dict[str, NameInfo] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._check_edits()
 
     # -- explain ---------------------------------------------------------------------
     def how(self, key: str) -> str:
-        plan = self.plans[self.features[key][0]]
+        plan = self.plans[self.features[key].base]
         where = "run-time local (profile function)" if plan.info.kind == LOCAL else "leaf hook"
         return where + (", cloned" if plan.clone else "")
 
@@ -157,13 +201,7 @@ class RuntimeCapture:
     @contextlib.contextmanager
     def session(self) -> Iterator[_Session]:
         if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "fxcapture: these values are captured at run time inside modules that no "
-                f"tracer can follow ({_describe(self.regions)}), and torch.compile cannot "
-                "see run-time captures. Compile the model without capture, make those "
-                "modules traceable (leaf_modules=, concrete_args=), or capture only values "
-                "of the traced part."
-            )
+            refuse_under_compile(RUN_TIME_UNDER_COMPILE.format(where=_describe(self.regions)))
         with self._lock:
             discovering = not self.discovered
         session = _Session(self, discovering)
@@ -172,7 +210,7 @@ class RuntimeCapture:
         _ACTIVE.session = session
         try:
             handles = self._install(session)
-            with self._attention_mode(session):
+            with session.clock, self._attention_mode(session):
                 yield session
         finally:
             for h in handles:
@@ -206,7 +244,7 @@ class RuntimeCapture:
         def on_probs(probs: torch.Tensor) -> None:
             if session.depth and session.is_current():  # inside an untraced region
                 owner = self._owner(sys._getframe(1))
-                self._record(session, f"{owner}:attn_probs", LOCAL, "scaled_dot_product_attention", probs, None)
+                self._observe(session, LOCAL, owner, "scaled_dot_product_attention", "attn_probs", probs)
 
         return ExplicitAttentionMode(on_probs)
 
@@ -251,18 +289,14 @@ class RuntimeCapture:
             if not session.is_current():
                 return None
             if edits:
-                calls = session.edit_calls[path] = session.edit_calls.get(path, -1) + 1
-                count = len(self.features_of(path)) or 1
-                key = path if count == 1 else f"{path}@{calls}"
+                call = session.edit_calls[path] = session.edit_calls.get(path, -1) + 1
+                key = path if self.calls.get(path, 1) <= 1 else f"{path}@{call}"
                 for edit in edits:
                     output = apply_edit(edit, output, key)
-            self._record(session, path, MODULE, type(module).__name__, output, None)
+            self._observe(session, MODULE, path, type(module).__name__, "", output)
             return output if edits else None
 
         return hook
-
-    def features_of(self, base: str) -> list[str]:
-        return [k for k, (b, _) in self.features.items() if b == base]
 
     def _on_profile_event(self, frame, event: str, arg: Any) -> None:
         if event != "return":
@@ -286,7 +320,7 @@ class RuntimeCapture:
                 continue
             if name == "self" or name.startswith((".", "__")) or not _holds_tensors(value):
                 continue
-            self._record(session, f"{owner}:{name}", LOCAL, function, value, code)
+            self._observe(session, LOCAL, owner, function, name, value, code)
 
     def _owner(self, frame) -> str:
         """Path of the innermost module whose method (or a helper it called) is running."""
@@ -300,112 +334,91 @@ class RuntimeCapture:
             f = f.f_back
         return ""
 
-    # -- recording -----------------------------------------------------------------
-    def _record(self, session: _Session, base: str, kind: str, op: str, value: Any, code) -> None:
-        if not session.discovering:
-            plan = self.plans.get(base)
-            if plan is not None and (code is None or code in plan.codes):
-                session.values[base].append(_clone(value) if plan.clone else value)
-            return
-        tensors = leaves(value)
-        if kind == LOCAL:
-            identity = (base.rpartition(":")[2], tuple(id(t) for t in tensors))
-            if session.seen.get(identity) is not None:
-                return  # same value in an outer frame: keyed where it was created
-            session.seen[identity] = base
-        session.keep_alive.append(tensors)
-        module = base.rpartition(":")[0] if kind == LOCAL else base
-        info = session.infos.setdefault(base, NameInfo(base, kind, module, op, base))
-        if code is not None:
-            session.codes[base].add(code)
-        if self._wanted(info):
-            session.values[base].append(_clone(value))
-            session.originals[base].append(value)
+    # -- observing -------------------------------------------------------------------
+    def _observe(self, session: _Session, kind: str, module: str, op: str, name: str, value: Any,
+                 code: Any = None) -> None:  # fmt: skip
+        obs = Observation(kind, module, op, name, None, session.clock.position(value))
+        if session.discovering:
+            wanted = any(match_record(NameInfo(obs.base, kind, module, op, obs.base), s) for _, s in self.selectors)
+            obs.value = _Seen(value, _clone(value) if wanted else None, code)
         else:
-            session.values[base].append(None)
-
-    def _wanted(self, info: NameInfo) -> bool:
-        return any(match_record(info, sel) for _, sel in self.selectors)
+            plan = self.plans.get(obs.base)
+            if plan is None or (code is not None and code not in plan.codes):
+                return
+            obs.value = _Seen(value, _clone(value) if plan.clone else value, code)
+        session.observations.append(obs)
 
     def _finish_discovery(self, session: _Session) -> None:
-        catalogue = []
-        for base, values in session.values.items():
-            info = session.infos[base]
-            for i in range(len(values)):
-                key = base if len(values) == 1 else f"{base}@{i}"
-                call = None if len(values) == 1 else i
-                catalogue.append(NameInfo(key, info.kind, info.module, info.op, base, call))
-        selection, plans = [], {}
-        for alias, selector in self.selectors:
-            found = [r for r in catalogue if match_record(r, selector)]
-            if not found:
-                path = selector if isinstance(selector, str) else None
-                if path in self.modules and path not in self.regions:  # exists, did not run
-                    plans[path] = _Plan(NameInfo(path, MODULE, path, type(self.modules[path]).__name__, path))
-                    selection.append((alias, [(path, None)]))
-                    continue
-                if any(selector is o for o in self.optional):
-                    continue
-                raise unknown_selector_error(Catalogue(catalogue, {}), selector)
-            exact_call = isinstance(selector, str) and "@" in selector
-            entries = list(dict.fromkeys(
-                (r.base, r.call if exact_call else None) for r in found
-            ))  # fmt: skip
-            selection.append((alias, entries))
+        records, aliases = key_observations(session.observations, _parts)
+        catalogue = Catalogue(records, aliases)
+        plans: dict[str, _Plan] = {}
+        for _, selector in self.selectors:
+            found = match(catalogue, selector)
+            path = selector if isinstance(selector, str) else None
+            if not found and path in self.modules and path not in self.regions:  # exists, did not run
+                plans[path] = _Plan(NameInfo(path, MODULE, path, type(self.modules[path]).__name__, path))
+            elif not found and not any(selector is o for o in self.optional):
+                raise unknown_selector_error(catalogue, selector)
             for r in found:
-                if r.base not in plans:
-                    mutated = any(
-                        not _same(c, o)
-                        for c, o in zip(session.values[r.base], session.originals[r.base])
-                    )
-                    plans[r.base] = _Plan(session.infos[r.base], set(session.codes.get(r.base, ())), mutated)
+                plan = plans.setdefault(r.base, _Plan(r))
+                plan.codes.add(r.value.code)
+                plan.clone |= r.value.kept is not None and not _same(r.value.kept, r.value.value)
         local_codes: dict[Any, set[str]] = defaultdict(set)
         for base, plan in plans.items():
+            plan.codes.discard(None)
             for code in plan.codes:
                 local_codes[code].add(base.rpartition(":")[2])
+        calls: dict[str, int] = defaultdict(int)
+        for r in records:
+            calls[r.module] += r.kind == MODULE
         with self._lock:
             if self.discovered:
                 return
-            self.catalogue, self.selection, self.plans = catalogue, selection, plans
-            self.local_codes = dict(local_codes)
-            self.features = self._keys(session.values)
+            self.catalogue, self.aliases, self.plans = records, aliases, plans
+            self.local_codes, self.calls = dict(local_codes), dict(calls)
             self.discovered = True
 
-    def _keys(self, values: dict[str, list[Any]]) -> dict[str, tuple[str, int]]:
-        """Output key -> (base, index into that base's values) for one call's values."""
-        keys: dict[str, tuple[str, int]] = {}
-        for alias, entries in self.selection:
-            picked = []
-            for base, call in entries:
-                count = len(values.get(base, ()))
-                if call is None:
-                    picked += [(base, i, count) for i in range(count)]
-                elif call < count:
-                    picked.append((base, call, count))
-            for j, (base, i, count) in enumerate(picked):
-                if alias is None:
-                    key = base if count == 1 else f"{base}@{i}"
-                else:
-                    key = alias if len(picked) == 1 else f"{alias}@{j}"
-                if key not in self.known:
-                    keys.setdefault(key, (base, i))
-        return keys
-
     def collect(self, session: _Session) -> dict[str, Any]:
-        """The selected values of one call, keyed like the graph's features."""
-        keys = self._keys(session.values)
-        missing = [b for b in self.plans if not session.values.get(b)]
+        """The selected values of one call, keyed like the graph's features (the same
+        keying, :func:`~.records.key_observations`, and the same selection)."""
+        records, _ = key_observations(session.observations, _parts)
+        catalogue = Catalogue(records, self.aliases)
+        pairs = SelectorPairs((a, s) for a, s in self.selectors if match(catalogue, s))
+        features = {k: r for k, r in resolve(catalogue, pairs).items() if k not in self.known}
+        self._warn_missing({r.base for r in records})
+        self.features = features
+        return {key: r.value.kept for key, r in features.items()}
+
+    def _warn_missing(self, produced: set[str]) -> None:
+        with self._lock:
+            missing = [b for b in self.plans if b not in produced and b not in self._warned]
+            self._warned.update(missing)
         for base in missing:
-            if base not in self._warned:
-                self._warned.add(base)
-                warnings.warn(
-                    f"fxcapture: {base!r} produced no value on this call (its module did not "
-                    "run or its function did not return); it is missing from this call's "
-                    "features.",
-                    stacklevel=3,
-                )
-        self.features = keys
-        return {key: session.values[base][i] for key, (base, i) in keys.items()}
+            warnings.warn(
+                f"fxcapture: {base!r} produced no value on this call (its module did not "
+                "run or its function did not return); it is missing from this call's "
+                "features.",
+                stacklevel=4,
+            )
+
+
+RUN_TIME_UNDER_COMPILE = (
+    "fxcapture: these values are captured at run time inside modules that no tracer can "
+    "follow ({where}), and torch.compile cannot see run-time captures. Compile the model "
+    "without capture, make those modules traceable (leaf_modules=, concrete_args=), or "
+    "capture only values of the traced part."
+)
+
+
+@torch.compiler.assume_constant_result
+def refuse_under_compile(message: str) -> None:
+    """Raise ``RuntimeError(message)``, also while torch.compile traces the caller.
+
+    Marked as a constant for torch.compile, dynamo runs it while tracing and the message
+    is the first line of the error it raises (a ``raise`` dynamo traces would surface as
+    "Observed exception", the message hidden in its debug context).
+    """
+    raise RuntimeError(message)
 
 
 def _describe(regions: dict[str, str]) -> str:

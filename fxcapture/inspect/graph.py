@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .._util.tree import nodes
-from ..core.build import trace_with_fallback
+from ..core.build import choose_trace
 from ..core.extractor import Extractor
 from ..core.records import LOCAL, MODULE, Catalogue
 from ..core.select import resolve
@@ -43,28 +43,38 @@ from ..core.spec import CaptureSpec
 
 
 # -- building ---------------------------------------------------------------------------
-def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any], attention: str | None = None):
-    """(graph, catalogue, captured nodes, constants) of a model or an extractor."""
+def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any], attention: str | None = None,
+            example: tuple | None = None):  # fmt: skip
+    """(graph, catalogue, captured nodes, what the graph's attributes are read from) of a
+    model (traced with the tracer :func:`fxcapture.capture` would use) or an extractor."""
     if isinstance(model, Extractor):
-        if model.graph is None:
+        program = model._current()
+        if program is None:
             raise ValueError(
-                "this extractor runs its model eagerly (fx could not trace it), so it has no graph; "
+                "this extractor traces its model by running it on the first call: call it once "
+                "(or build it with capture(..., example_inputs=...)), then ask for its graph"
+            )
+        if program.graph is None:
+            raise ValueError(
+                "this extractor runs its model eagerly (no tracer follows it), so it has no graph; "
                 f"untraced: {model.untraced}"
             )
-        program = model._program
-        return program.graph, program.catalogue, _captured_as(program.features), model
+        return program.graph, program.catalogue, _captured_as(program.features), program.module
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_networkx needs an nn.Module or an Extractor, got {type(model).__name__}")
     spec = CaptureSpec(names or (), leaf_modules=leaf_modules, attention=attention)
-    result, catalogue, untraced = trace_with_fallback(model, spec)
-    if result is None:
+    trace = choose_trace(model, spec.replace(names=()), (example, {}) if example is not None else None)
+    if trace is None or trace.result is None:
+        why = trace.untraced.get("") if trace is not None else "torch.fx cannot trace it exactly"
         raise ValueError(
-            f"torch.fx cannot trace this model ({untraced.get('')}); there is no graph to show"
+            f"no graph to show ({why}): pass example_inputs= to trace it by running it"
         )
+    result, catalogue = trace.result, trace.catalogue
     captured: dict[fx.Node, list[str]] = {}
     if names:
         captured = _captured_as(resolve(catalogue, names, model, result.leaf_paths))
-    return result.graph, catalogue, captured, _AttrSource(model, result.constants)
+    root = result.root if result.root is not None else model
+    return result.graph, catalogue, captured, _AttrSource(root, result.constants)
 
 
 def _captured_as(features: dict[str, Any]) -> dict[fx.Node, list[str]]:
@@ -162,10 +172,12 @@ def to_networkx(
         >>> [n for n, d in g.nodes(data=True) if d["captured"]]
         ['layer4_1_relu_1']
     """
-    graph, catalogue, captured, source = _traced(model_or_extractor, names, leaf_modules, attention)
-    shapes = {}
+    inputs = None
     if example_inputs is not None:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    graph, catalogue, captured, source = _traced(model_or_extractor, names, leaf_modules, attention, inputs)
+    shapes = {}
+    if inputs is not None:
         shapes = _shapes(graph, source, inputs)
     local_keys, module_keys = _names_of(catalogue)
     g = nx.DiGraph(name=type(getattr(model_or_extractor, "_model", model_or_extractor)).__name__)
