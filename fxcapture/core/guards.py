@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree  # export's input structures (torch 2.14)
+
+from .internals import pytree
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,10 @@ from typing import Any
 import torch
 
 from .frames import is_library_file
+from .internals import global_hooks, grad_mode_codes, module_hooks, tensor_version
 
 # code objects whose call during a symbolic trace means the graph would differ
-HAZARD_CODES: dict[Any, str] = {
-    torch.no_grad.__enter__.__code__: "torch.no_grad()",
-    torch.enable_grad.__enter__.__code__: "torch.enable_grad()",
-    torch.set_grad_enabled.__init__.__code__: "torch.set_grad_enabled()",
-    torch.inference_mode.__enter__.__code__: "torch.inference_mode()",
-    torch.autocast.__enter__.__code__: "torch.autocast",
-}
+HAZARD_CODES: dict[Any, str] = grad_mode_codes()
 
 
 def custom_function(c_function: Any) -> str | None:
@@ -49,17 +44,6 @@ def custom_function(c_function: Any) -> str | None:
     ):
         return f"autograd.Function {owner.__qualname__}.apply (its backward)"
     return None
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# torch keeps global module hooks in these private dicts of torch.nn.modules.module
-# (checked on torch 2.14); their names are stable since torch 1.13.
-_GLOBAL_HOOK_DICTS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
-
 
 def _hook_code(hook: Any) -> Any:
     hook = getattr(hook, "func", hook)  # functools.partial
@@ -77,20 +61,12 @@ def is_user_hook(hook: Any) -> bool:
 
 def has_hooks(module: torch.nn.Module) -> bool:
     """Does the module have forward, pre-forward or backward hooks written by the user?"""
-    return any(
-        is_user_hook(hook) for name in _HOOK_DICTS for hook in getattr(module, name, {}).values()
-    )
+    return any(is_user_hook(hook) for hook in module_hooks(module))
 
 
 def hooked_modules(model: torch.nn.Module) -> list[str]:
     """Paths of the submodules (not the root) that have user hooks."""
     return [path for path, m in model.named_modules() if path and has_hooks(m)]
-
-
-def global_hooks() -> bool:
-    """Are global module hooks registered (``register_module_forward_hook`` & co)?"""
-    module = torch.nn.modules.module
-    return any(getattr(module, name, None) for name in _GLOBAL_HOOK_DICTS)
 
 
 class ModelSnapshot:
@@ -102,7 +78,7 @@ class ModelSnapshot:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.modules = list(model.named_modules(remove_duplicate=False))
-        self.tensors = [(name, t, t._version) for name, t in model.state_dict(keep_vars=True).items()]
+        self.tensors = [(name, t, tensor_version(t)) for name, t in model.state_dict(keep_vars=True).items()]
         self.state = [
             (m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict})
             for _, m in self.modules
@@ -110,7 +86,7 @@ class ModelSnapshot:
 
     def written(self) -> list[str]:
         """Parameters and buffers whose values were written since the snapshot."""
-        return [name for name, t, version in self.tensors if t._version != version]
+        return [name for name, t, version in self.tensors if tensor_version(t) != version]
 
     def changes(self) -> list[str]:
         """``path.attribute`` of every attribute that differs from the snapshot."""

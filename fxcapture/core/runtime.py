@@ -41,7 +41,8 @@ import torch
 from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
-from .frames import FrameFilter, chain_profile
+from .frames import FrameFilter
+from .internals import caller_frame, chain_profile
 from .records import LOCAL, MODULE, Catalogue, NameInfo
 from .select import Selector, match_record, unknown_selector_error
 
@@ -205,7 +206,7 @@ class RuntimeCapture:
 
         def on_probs(probs: torch.Tensor) -> None:
             if session.depth and session.is_current():  # inside an untraced region
-                owner = self._owner(sys._getframe(1))
+                owner = self._owner(caller_frame())
                 self._record(session, f"{owner}:attn_probs", LOCAL, "scaled_dot_product_attention", probs, None)
 
         return ExplicitAttentionMode(on_probs)
