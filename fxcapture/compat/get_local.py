@@ -31,7 +31,8 @@ import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
-from torch.fx import _symbolic_trace
+
+from ..core.internals import is_fx_tracing
 
 F = TypeVar("F", bound=Callable[..., Any])
 Collate = Callable[[Any], Any]
@@ -58,8 +59,7 @@ def default_collate(value: Any) -> Any:
 
 def _tracing_or_compiling() -> bool:
     """True inside ``torch.fx`` symbolic tracing or ``torch.compile``/export tracing."""
-    # _get_is_fx_tracing: is_fx_tracing() without its log warning
-    return torch.compiler.is_compiling() or _symbolic_trace._get_is_fx_tracing()
+    return torch.compiler.is_compiling() or is_fx_tracing()
 
 
 _UNBOUND = object()

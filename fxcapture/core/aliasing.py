@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .internals import TORCH_FUNCTION_MODULES, OpOverload
 from .trace import INPLACE_FUNCTIONS
 
 _INPLACE_OPERATORS = {
@@ -50,9 +51,7 @@ _VIEW_MODULES = (
 # Functions whose results never share memory with their arguments unless named in
 # _VIEW_NAMES; a function from anywhere else ran unseen (``torch.fx.wrap``, a leaf)
 # and may return its argument (torchvision's ``stochastic_depth`` in eval does).
-_KNOWN_FUNCTION_MODULES = {
-    "torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._linalg",
-    "torch._C._fft", "torch._C._special", "torch._C._VariableFunctions", "_operator",
+_KNOWN_FUNCTION_MODULES = TORCH_FUNCTION_MODULES | {
     "operator", "builtins", "math", "fxcapture.core.trace", "fxcapture.core.aliasing",
 }  # fmt: skip
 
@@ -101,9 +100,8 @@ def _schema_alias(node: fx.Node, write: bool) -> fx.Node | None:
 def mutated_input(node: fx.Node, modules: dict[str, torch.nn.Module]) -> fx.Node | None:
     """The node whose tensor ``node`` writes into, if it is an in-place op."""
     first = node.args[0] if node.args else None
-    # torch._ops.OpOverload: the ATen ops of a running trace (public type since torch 2.0,
-    # its module private; checked on torch 2.14)
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+    # an ATen op (a running trace)
+    if node.op == "call_function" and isinstance(node.target, OpOverload):
         return _schema_alias(node, write=True)
     if node.op == "call_function":
         if isinstance(node.kwargs.get("out"), fx.Node):
@@ -147,7 +145,7 @@ def _is_view(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     """May ``node``'s result share memory with its first argument?"""
     if node.op == "call_method":
         return _target_name(node) in _VIEW_NAMES
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+    if node.op == "call_function" and isinstance(node.target, OpOverload):
         return _schema_alias(node, write=False) is not None
     if node.op == "call_function":
         module = getattr(node.target, "__module__", None) or "torch"

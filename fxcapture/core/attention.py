@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import sys
 from typing import Any, Callable
 
 import torch
@@ -48,6 +47,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .._util.tree import map_nodes
+from .internals import SDPA_FUNCTIONS, caller_frame
 from .sdpa import attention_output, attention_probs, attention_scores, explicit_sdpa
 from .trace import LocalRecord, TraceResult
 
@@ -78,10 +78,7 @@ def _sdpa_arguments(node: fx.Node) -> dict[str, Any]:
 
 # -- graph rewriting ------------------------------------------------------------------
 def _is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (
-        F.scaled_dot_product_attention,
-        getattr(torch._C._nn, "scaled_dot_product_attention", None),
-    )
+    return node.op == "call_function" and node.target in SDPA_FUNCTIONS
 
 
 def _new_node(graph: fx.Graph, module: str, op: str, target: Any, args: tuple, kwargs=None):
@@ -309,7 +306,7 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
 # -- torch.nn leaf modules holding MultiheadAttention (nn.TransformerEncoderLayer ...) --
 def _calling_module(candidates: dict[int, str]) -> str | None:
     """Path of the innermost running module (a frame's ``self``) among ``candidates``."""
-    frame = sys._getframe(1)
+    frame = caller_frame()
     while frame is not None:
         path = candidates.get(id(frame.f_locals.get("self")))
         if path is not None:

@@ -208,7 +208,7 @@ def graph_module(model: torch.nn.Module, graph: fx.Graph, constants: dict[str, t
         if node.op not in ("get_attr", "call_module"):
             continue
         head = node.target.split(".")[0]
-        if head in root._modules or head in root.__dict__ or hasattr(root, head):
+        if hasattr(root, head):  # a module, tensor or attribute already copied
             continue
         value = constants[head] if head in constants else getattr(model, head)
         if isinstance(value, torch.nn.Module):

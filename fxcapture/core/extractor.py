@@ -20,6 +20,7 @@ import torch.fx as fx
 from .build import Program, build_program
 from .frames import FrameFilter
 from .guards import CodeObserver, ModelGuard
+from .internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
 from .records import Catalogue
 from .runtime import refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
@@ -36,8 +37,8 @@ def _follows(program: Program) -> bool:
 
 def run_pre_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The model's own forward pre-hooks, as ``nn.Module.__call__`` runs them."""
-    for hook_id, hook in list(model._forward_pre_hooks.items()):
-        if hook_id in model._forward_pre_hooks_with_kwargs:
+    for hook, with_kwargs in forward_pre_hooks(model):
+        if with_kwargs:
             result = hook(model, args, kwargs)
             if result is not None:
                 args, kwargs = result
@@ -50,8 +51,8 @@ def run_pre_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
 
 def run_hooks(model: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
     """The model's own forward hooks, as ``nn.Module.__call__`` runs them."""
-    for hook_id, hook in list(model._forward_hooks.items()):
-        if hook_id in model._forward_hooks_with_kwargs:
+    for hook, with_kwargs, _ in forward_hooks(model):
+        if with_kwargs:
             result = hook(model, args, kwargs, out)
         else:
             result = hook(model, args, out)
@@ -67,7 +68,7 @@ def share_state(model: torch.nn.Module, into: torch.nn.Module) -> None:
         into.add_module(name, child)
     for name, param in model.named_parameters(recurse=False):
         into.register_parameter(name, param)
-    non_persistent = getattr(model, "_non_persistent_buffers_set", set())
+    non_persistent = non_persistent_buffers(model)
     for name, buf in model.named_buffers(recurse=False):
         into.register_buffer(name, buf, persistent=name not in non_persistent)
 
@@ -251,7 +252,7 @@ class Extractor(torch.nn.Module):
         # fx calls the root's forward itself: its hooks are ours to run (a running trace
         # and the eager model go through nn.Module.__call__, which runs them)
         root_hooks = program is not None and program.tracer == "symbolic"
-        if root_hooks and model._forward_pre_hooks:
+        if root_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
         if program is None or program.guard is not None:  # traced by running, per guard set
             program = self._running_program(args, kwargs)
@@ -272,7 +273,7 @@ class Extractor(torch.nn.Module):
             with runtime.session() as session:
                 out, feats = program.module(*args, **kwargs)
             feats.update(runtime.collect(session))
-        if root_hooks and model._forward_hooks:
+        if root_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats
 

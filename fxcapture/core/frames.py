@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .internals import chain_profile
+
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
 # never the model's code, whichever of its classes a model uses; fxcapture's command
@@ -126,19 +128,6 @@ def is_library_file(filename: str) -> bool:
     """Is ``filename`` part of torch, the standard library or an installed package?"""
     path = os.path.abspath(filename)
     return path.startswith(_TORCH_DIR) or path.startswith(site_dirs()) or path.startswith(_STDLIB_DIRS)
-
-
-def chain_profile(handler: Callable, previous: Any) -> Callable:
-    """A profile function calling ``handler`` then a Python profile function that was
-    active (a C-level profiler such as cProfile cannot be chained on Python 3.11)."""
-    if not callable(previous):
-        return handler
-
-    def both(frame, event, arg):
-        handler(frame, event, arg)
-        return previous(frame, event, arg)
-
-    return both
 
 
 class ProfileScope:

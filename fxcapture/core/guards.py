@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-import torch.utils._pytree as pytree  # export's input structures (torch 2.14)
+
+from .internals import pytree
 
 from .frames import FrameFilter, ProfileScope
 

@@ -30,15 +30,10 @@ from typing import Any
 import torch
 
 from .frames import is_library_file
+from .internals import MODULE_HOOK_DICTS, global_hooks, grad_mode_codes, tensor_version
 
 # code objects whose call during a symbolic trace means the graph would differ
-HAZARD_CODES: dict[Any, str] = {
-    torch.no_grad.__enter__.__code__: "torch.no_grad()",
-    torch.enable_grad.__enter__.__code__: "torch.enable_grad()",
-    torch.set_grad_enabled.__init__.__code__: "torch.set_grad_enabled()",
-    torch.inference_mode.__enter__.__code__: "torch.inference_mode()",
-    torch.autocast.__enter__.__code__: "torch.autocast",
-}
+HAZARD_CODES: dict[Any, str] = grad_mode_codes()
 
 
 def custom_function(c_function: Any) -> str | None:
@@ -51,17 +46,6 @@ def custom_function(c_function: Any) -> str | None:
     ):
         return f"autograd.Function {owner.__qualname__}.apply (its backward)"
     return None
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# torch keeps global module hooks in these private dicts of torch.nn.modules.module
-# (checked on torch 2.14); their names are stable since torch 1.13.
-_GLOBAL_HOOK_DICTS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
-
 
 def _hook_code(hook: Any) -> Any:
     hook = getattr(hook, "func", hook)  # functools.partial
@@ -82,7 +66,7 @@ def user_hooks(module: torch.nn.Module) -> list[str]:
     as ``explain()`` names them: ``["forward hook log_output", "forward pre hook <lambda>"]``."""
     return [
         f"{name.strip('_').replace('_', ' ')[:-1]} {_hook_name(hook)}"
-        for name in _HOOK_DICTS
+        for name in MODULE_HOOK_DICTS
         for hook in getattr(module, name, {}).values()
         if is_user_hook(hook)
     ]
@@ -110,12 +94,6 @@ def hooked_modules(model: torch.nn.Module) -> dict[str, str]:
     return {path: ", ".join(hooks) for path, hooks in found if hooks}
 
 
-def global_hooks() -> bool:
-    """Are global module hooks registered (``register_module_forward_hook`` & co)?"""
-    module = torch.nn.modules.module
-    return any(getattr(module, name, None) for name in _GLOBAL_HOOK_DICTS)
-
-
 class PythonState(Exception):
     """A forward changed the Python state of modules (not parameters or buffers)."""
 
@@ -135,12 +113,12 @@ class ModelSnapshot:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.modules = list(model.named_modules(remove_duplicate=False))
-        self.tensors = [(name, t, t._version) for name, t in model.state_dict(keep_vars=True).items()]
+        self.tensors = [(name, t, tensor_version(t)) for name, t in model.state_dict(keep_vars=True).items()]
         self.state = [(m, dict(m.__dict__), _containers(m.__dict__)) for _, m in self.modules]
 
     def written(self) -> list[str]:
         """Parameters and buffers whose values were written since the snapshot."""
-        return [name for name, t, version in self.tensors if t._version != version]
+        return [name for name, t, version in self.tensors if tensor_version(t) != version]
 
     def _diff(self) -> list[tuple[str, str, str]]:
         """``(module path, attribute, what to call it)`` of everything that changed."""

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
 
 from .._util.tree import children, map_nodes, registered_child
 from .aliasing import Aliasing, mutated_input
+from .internals import OpOverload, output_spec, pytree, set_output_spec, tree_spec
 from .pytrees import compilable_spec
 
 
@@ -57,8 +57,8 @@ def add_feature_outputs(
     """
     output = graph.output_node()
     output.type = None
-    info = getattr(graph._codegen, "pytree_info", None)  # export's _PyTreeCodeGen (torch 2.14)
-    if info is None or info.out_spec is None:
+    spec = output_spec(graph)  # export's graphs unflatten their flat outputs with it
+    if spec is None:
         original = output.args[0] if keep_output else None
         with graph.inserting_before(output):
             values = {key: graph_value(graph, value) for key, value in features.items()}
@@ -68,13 +68,11 @@ def add_feature_outputs(
         features = {key: graph_value(graph, value) for key, value in features.items()}
     flat = list(output.args[0]) if keep_output else [None]  # one leaf: None
     # compilable: transformers' Cache nodes rebuilt without importing (see .pytrees)
-    out_spec = compilable_spec(info.out_spec) if keep_output else pytree.tree_structure(0)
+    out_spec = compilable_spec(spec) if keep_output else pytree.tree_structure(0)
     feature_leaves, feature_spec = pytree.tree_flatten(
         dict(features), is_leaf=lambda v: isinstance(v, fx.Node)
     )
-    graph._codegen.pytree_info = info._replace(
-        out_spec=pytree.TreeSpec(tuple, None, [out_spec, feature_spec])
-    )
+    set_output_spec(graph, tree_spec(tuple, None, [out_spec, feature_spec]))
     output.args = (tuple(flat + feature_leaves),)
 
 
@@ -109,7 +107,7 @@ def _needed_anyway(node: fx.Node, aliasing: Aliasing) -> bool:
         return True
     if node.op != "call_function":
         return False
-    if isinstance(node.target, torch._ops.OpOverload):  # see core.aliasing
+    if isinstance(node.target, OpOverload):  # see core.aliasing
         target = mutated_input(node, aliasing.modules)
         return target is not None and target.op in ("get_attr", "placeholder")
     return node.is_impure()

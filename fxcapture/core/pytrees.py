@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree  # export's output specs (torch 2.14)
+
+from .internals import pytree, tree_spec, unflatten_fn
 
 # transformers.exporters.exporter_dynamo's unflatten of Cache objects (transformers 5)
 _IMPORTING_UNFLATTEN = ("transformers.exporters.exporter_dynamo", "_pytree_unflatten")
@@ -57,12 +58,12 @@ def compilable_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
     if spec.is_leaf():
         return spec
     children = [compilable_spec(c) for c in spec.children()]
-    unflatten = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
+    unflatten = unflatten_fn(spec.type)
     if (getattr(unflatten, "__module__", None), getattr(unflatten, "__name__", None)) == _IMPORTING_UNFLATTEN:
         rebuilt = _rebuilt_node(spec, children, unflatten)
         if rebuilt is not None:
             return rebuilt
-    return pytree.TreeSpec(spec.type, spec.context, children)
+    return tree_spec(spec.type, spec.context, children)
 
 
 def _rebuilt_node(spec: pytree.TreeSpec, children: list, unflatten: Any) -> pytree.TreeSpec | None:
@@ -76,7 +77,7 @@ def _rebuilt_node(spec: pytree.TreeSpec, children: list, unflatten: Any) -> pytr
         return None
     if type(ours) is not type(theirs) or _state(ours) != _state(theirs):
         return None
-    return pytree.TreeSpec(Rebuilt, context, children)
+    return tree_spec(Rebuilt, context, children)
 
 
 def _state(obj: Any) -> Any:

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import sys
@@ -40,9 +41,10 @@ import torch.fx as fx
 from .._util.tree import all_leaves, leaves, map_all, tree_map
 from .aliasing import written_bases
 from .attention import ExplicitAttentionMode
-from .frames import FrameFilter, chain_profile
+from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
+from .internals import region_ops, tensor_version, watch_returns
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -60,16 +62,6 @@ def _tag_fake(x: torch.Tensor, key: str) -> torch.Tensor:
 
 
 _TAG = torch.ops.fxcapture.tag.default
-# export wraps torch.no_grad()/torch.autocast regions into these higher-order ops, whose
-# subgraphs hold the tags of values made inside (checked on torch 2.14)
-_REGION_OPS = tuple(
-    op
-    for op in (
-        getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None),
-        getattr(torch.ops.higher_order, "wrap_with_autocast", None),
-    )
-    if op is not None
-)
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
@@ -86,8 +78,7 @@ class _Collector:
         self.alias: dict[str, str] = {}  # key -> key of the same tensor tagged before
         self._seen: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
         self._handles: list[Any] = []
-        self._previous: Any = None
-        self._use_trace = sys.gettrace() is None  # a debugger or coverage: profile instead
+        self._watching = contextlib.ExitStack()
         self.attention = ExplicitAttentionMode(self._on_probs) if attention else None
 
     def _tag_tree(self, prefix: str, tree: Any) -> Any:
@@ -101,7 +92,7 @@ class _Collector:
     def _tag(self, key: str, v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v if isinstance(v, _PLAIN) else None
-        ident = (id(v), v._version)  # the same tensor, unchanged since: one node
+        ident = (id(v), tensor_version(v))  # the same tensor, unchanged since: one node
         hit = self._seen.get(ident)
         if hit is not None and hit[0] is v:
             self.alias[key] = hit[1]
@@ -139,22 +130,15 @@ class _Collector:
         for path, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._pre(path)))
             self._handles.append(module.register_forward_hook(self._post(path), always_call=True))
-        if self._use_trace:
-            self._previous = sys.gettrace()
-            sys.settrace(self._global_trace)
-        else:
-            self._previous = sys.getprofile()
-            sys.setprofile(chain_profile(self._profile, self._previous))
+        # only the model's own code objects are watched (see internals.watch_returns)
+        self._watching.enter_context(watch_returns(self.frames.watches, self._on_return))
         if self.attention is not None:
             self.attention.__enter__()
 
     def uninstall(self) -> None:
         if self.attention is not None:
             self.attention.__exit__(None, None, None)
-        if self._use_trace:
-            sys.settrace(self._previous)
-        else:
-            sys.setprofile(self._previous)
+        self._watching.close()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -179,22 +163,9 @@ class _Collector:
 
         return post
 
-    def _global_trace(self, frame, event, arg):
-        if not self.stack or not self.frames.watches_frame(frame):
-            return None
-        frame.f_trace_lines = False
-        return self._local_trace
-
-    def _local_trace(self, frame, event, arg):
-        if event == "return" and self.stack:
-            self._on_return(frame)
-        return self._local_trace
-
-    def _profile(self, frame, event, arg):
-        if event == "return" and self.stack and self.frames.watches_frame(frame):
-            self._on_return(frame)
-
     def _on_return(self, frame) -> None:
+        if not self.stack or not self.frames.watches_frame(frame):  # outside the model's forward
+            return
         module = self.stack[-1]
         code = frame.f_code
         function = getattr(code, "co_qualname", code.co_name)
@@ -221,7 +192,7 @@ def _untag(owner: torch.nn.Module, graph: fx.Graph, points: dict[str, fx.Node]) 
             node.replace_all_uses_with(value)
             graph.erase_node(node)
             found[key] = value
-        elif node.op == "call_function" and node.target in _REGION_OPS:
+        elif node.op == "call_function" and node.target in region_ops():
             sub_node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"), None)
             sub = owner.get_submodule(sub_node.target) if sub_node is not None else None
             if not isinstance(sub, fx.GraphModule):

@@ -45,7 +45,8 @@ import torch
 from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
-from .frames import FrameFilter, chain_profile
+from .frames import FrameFilter
+from .internals import caller_frame, chain_profile
 from .records import LOCAL, MODULE, Catalogue, NameInfo, Observation, key_observations
 from .select import Selector, SelectorPairs, match, match_record, resolve, unknown_selector_error
 
@@ -243,7 +244,7 @@ class RuntimeCapture:
 
         def on_probs(probs: torch.Tensor) -> None:
             if session.depth and session.is_current():  # inside an untraced region
-                owner = self._owner(sys._getframe(1))
+                owner = self._owner(caller_frame())
                 self._observe(session, LOCAL, owner, "scaled_dot_product_attention", "attn_probs", probs)
 
         return ExplicitAttentionMode(on_probs)
