@@ -39,6 +39,8 @@ _LIBRARY_DIRS = (_TORCH_DIR,) + tuple(
 _PATHS = sysconfig.get_paths()
 _STDLIB_DIRS = tuple({os.path.abspath(_PATHS[k]) + os.sep for k in ("stdlib", "platstdlib")})
 _USER_SOURCES = ("<string>", "<stdin>")
+# packages whose code made from a string (a generated dataclass __init__) is never the model's
+_NEVER_PACKAGES = frozenset({"torch", "functorch", "fxcapture"})
 
 
 def _is_user_source(filename: str) -> bool:
