@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .build import Program, build_program
+from .pytrees import write_back
 from .records import Catalogue
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
@@ -182,6 +183,8 @@ class Extractor(torch.nn.Module):
             with runtime.session() as session:
                 out, feats = program.module(*args, **kwargs)
             feats.update(runtime.collect(session))
+        if program.guard is not None and program.guard.stateful:  # the caller's cache, updated
+            out = write_back((args, kwargs), out)
         if root_hooks and model._forward_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats

@@ -42,6 +42,7 @@ from .attention import ExplicitAttentionMode
 from .frames import FrameFilter, chain_profile
 from .guards import InputGuard
 from .hazards import ModelSnapshot
+from .pytrees import is_state_object
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -243,7 +244,21 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             spec[1] = auto
         return spec
 
-    return pytree.tree_map(dims, dict(bound))
+    return pytree.tree_map(lambda x: state_dims(x) if is_state_object(x) else dims(x), dict(bound),
+                           is_leaf=is_state_object)  # fmt: skip
+
+
+def state_dims(x: Any) -> list:
+    """Export's dynamic shapes for a state object: one entry per child, every dimension
+    of its tensors left to export (a cache grows along its sequence dimension)."""
+    children, _ = pytree.SUPPORTED_NODES[type(x)].flatten_fn(x)
+    auto = torch.export.Dim.AUTO
+    return [
+        state_dims(c) if is_state_object(c)
+        else dict.fromkeys(range(c.dim()), auto) if isinstance(c, torch.Tensor) and c.dim()
+        else None
+        for c in children
+    ]  # fmt: skip
 
 
 def _substitute_keys(tree: Any, nodes: dict[str, fx.Node]) -> Any:
