@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .build import Program, build_program
+from .generation import GeneratedFeatures, generate
 from .pytrees import write_back
 from .records import Catalogue
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
@@ -188,6 +189,18 @@ class Extractor(torch.nn.Module):
         if root_hooks and model._forward_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats
+
+    def generate(self, *args: Any, **generate_kwargs: Any) -> tuple[Any, GeneratedFeatures]:
+        """The model's own ``generate`` with this extractor as the forward of every step
+        (edits included): ``(what model.generate returns, feats)``, ``feats[key]`` one
+        value per step, step 0 the prompt (layout: :mod:`fxcapture.core.generation`).
+
+        Example::
+
+            >>> sequences, feats = capture(gpt2, ["transformer.h.0"]).generate(ids, max_new_tokens=8)
+            >>> feats.aligned("transformer.h.0").shape  # (batch, prompt + 8 - 1, hidden)
+        """
+        return generate(self._model, self, *args, **generate_kwargs)
 
     # -- introspection -------------------------------------------------------------
     def _current(self) -> Program | None:

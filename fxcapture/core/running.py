@@ -242,7 +242,7 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         spec = {0: auto}
         if x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
             spec[1] = auto
-        return spec
+        return {d: auto for d in spec if x.shape[d] > 1}  # export specialises sizes 0 and 1 anyway
 
     return pytree.tree_map(lambda x: state_dims(x) if is_state_object(x) else dims(x), dict(bound),
                            is_leaf=is_state_object)  # fmt: skip
@@ -255,7 +255,7 @@ def state_dims(x: Any) -> list:
     auto = torch.export.Dim.AUTO
     return [
         state_dims(c) if is_state_object(c)
-        else dict.fromkeys(range(c.dim()), auto) if isinstance(c, torch.Tensor) and c.dim()
+        else {d: auto for d in range(c.dim()) if c.shape[d] > 1} if isinstance(c, torch.Tensor)
         else None
         for c in children
     ]  # fmt: skip
