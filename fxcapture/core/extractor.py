@@ -19,8 +19,10 @@ import torch.fx as fx
 
 from .build import Program, build_program
 from .frames import FrameFilter
+from .generation import GeneratedFeatures, generate
 from .guards import CodeObserver, ModelGuard
 from .internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
+from .pytrees import write_back
 from .records import Catalogue
 from .runtime import refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
@@ -273,9 +275,23 @@ class Extractor(torch.nn.Module):
             with runtime.session() as session:
                 out, feats = program.module(*args, **kwargs)
             feats.update(runtime.collect(session))
+        if program.guard is not None and program.guard.stateful:  # the caller's cache, updated
+            out = write_back((args, kwargs), out)
         if root_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats
+
+    def generate(self, *args: Any, **generate_kwargs: Any) -> tuple[Any, GeneratedFeatures]:
+        """The model's own ``generate`` with this extractor as the forward of every step
+        (edits included): ``(what model.generate returns, feats)``, ``feats[key]`` one
+        value per step, step 0 the prompt (layout: :mod:`fxcapture.core.generation`).
+
+        Example::
+
+            >>> sequences, feats = capture(gpt2, ["transformer.h.0"]).generate(ids, max_new_tokens=8)
+            >>> feats.aligned("transformer.h.0").shape  # (batch, prompt + 8 - 1, hidden)
+        """
+        return generate(self._model, self, *args, **generate_kwargs)
 
     # -- introspection -------------------------------------------------------------
     def _current(self) -> Program | None:

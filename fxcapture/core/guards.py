@@ -28,6 +28,8 @@ from .internals import pytree
 
 from .frames import FrameFilter, ProfileScope
 
+from .pytrees import state_objects
+
 
 @dataclass(frozen=True)
 class _TensorSpec:
@@ -43,6 +45,18 @@ def _probe(model: torch.nn.Module) -> tuple | None:
     for t in model.buffers():
         return (t.dtype, t.device)
     return None
+
+
+def _dim(size: Any) -> int | str | None:
+    """A static size, the name of a dynamic one, or ``None`` for an expression of symbols
+    (a ``SymInt`` export proved constant, such as the heads of a cache, is static)."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    if expr.is_number:
+        return int(expr)
+    name = str(expr)
+    return name if name.isidentifier() else None
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -65,6 +79,7 @@ class InputGuard:
         self.probe = probe
         self._model = model
         self.kwarg_names = list(spec.child(1).context) if spec.num_children == 2 else []
+        self.stateful = False  # the inputs hold state objects (a cache) the model updates
 
     @classmethod
     def from_export(cls, unlifted: torch.nn.Module, exported: Any, args: tuple, kwargs: dict,
@@ -76,8 +91,7 @@ class InputGuard:
             fake = node.meta.get("val")
             if isinstance(value, torch.Tensor):
                 shape = fake.shape if isinstance(fake, torch.Tensor) else value.shape
-                dims = tuple(int(d) if isinstance(d, int) else str(d.node.expr) for d in shape)
-                dims = tuple(d if isinstance(d, int) or d.isidentifier() else None for d in dims)
+                dims = tuple(_dim(d) for d in shape)
                 if None in dims:  # an expression of symbols: hold it to the example's size
                     dims = tuple(int(s) for s in value.shape)
                 leaves.append(_TensorSpec(value.dtype, value.device, dims))
@@ -87,7 +101,9 @@ class InputGuard:
             str(symbol): (float(r.lower), float(r.upper))  # float: int_oo is inf
             for symbol, r in exported.range_constraints.items()
         }
-        return cls(spec, leaves, ranges, _probe(model), model)
+        guard = cls(spec, leaves, ranges, _probe(model), model)
+        guard.stateful = bool(state_objects((args, kwargs)))
+        return guard
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         """Does a call with these arguments compute what the model computes?"""

@@ -150,4 +150,66 @@ def _from_context(ctx: Any, leaves: list, classes: dict[str, type]) -> Any:
     raise TypeError(f"unknown tag {tag!r} in an output context")
 
 
-__all__ = ["Rebuilt", "RebuildContext", "compilable_spec"]
+_CONTAINERS = (tuple, list, dict)
+
+
+def is_state_object(x: Any) -> bool:
+    """An object registered as a pytree node that is no container: a ``Cache`` of
+    transformers, whose tensors are graph inputs and which the model updates."""
+    return type(x) in pytree.SUPPORTED_NODES and not isinstance(x, _CONTAINERS)
+
+
+def state_objects(tree: Any) -> list:
+    """The state objects in ``tree`` (not inside one another), in pytree order."""
+    return [x for x in pytree.tree_leaves(tree, is_leaf=is_state_object) if is_state_object(x)]
+
+
+def write_back(inputs: Any, output: Any) -> Any:
+    """``output`` with each state object replaced by the caller's object of the same type
+    in ``inputs`` (paired in order), updated to the state the graph returned.
+
+    A model updates the cache it is given and returns that very object; a graph returns
+    a new object rebuilt from flat tensors. Writing the new state into the caller's
+    object gives both what the model gives: ``out.cache is cache``, holding the new keys.
+
+    Example::
+
+        >>> out, feats = program.module(input_ids=next_id, cache=cache)
+        >>> write_back({"cache": cache}, out).cache is cache
+        True
+    """
+    given: dict[type, list] = {}
+    for x in state_objects(inputs):
+        given.setdefault(type(x), []).append(x)
+    if not given:
+        return output
+
+    def swap(y: Any) -> Any:
+        pending = given.get(type(y)) if is_state_object(y) else None
+        if not pending:
+            return y
+        x = pending.pop(0)
+        _assign(x, y)
+        return x
+
+    return pytree.tree_map(swap, output, is_leaf=is_state_object)
+
+
+def _assign(into: Any, new: Any) -> None:
+    """Make ``into`` hold ``new``'s state, keeping ``into``'s own sub-objects (a cache's
+    layers) where both have one of the same type."""
+    for name, value in vars(new).items():
+        old = into.__dict__.get(name)
+        if isinstance(value, list) and isinstance(old, list) and len(old) == len(value):
+            for i, (a, b) in enumerate(zip(old, value)):
+                if type(a) is type(b) and hasattr(b, "__dict__") and not isinstance(b, torch.Tensor):
+                    _assign(a, b)
+                else:
+                    old[i] = b
+        elif type(old) is type(value) and hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, type)):
+            _assign(old, value)
+        else:
+            into.__dict__[name] = value
+
+
+__all__ = ["Rebuilt", "RebuildContext", "compilable_spec", "is_state_object", "state_objects", "write_back"]

@@ -44,7 +44,8 @@ from .attention import ExplicitAttentionMode
 from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
-from .internals import region_ops, tensor_version, watch_returns
+from .internals import pytree, region_ops, tensor_version, watch_returns
+from .pytrees import is_state_object
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -240,9 +241,23 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             spec[1] = auto
         # export specializes a dim of size 0 or 1 anyway, with a warning: keep it static
         # (the guard then traces again for another size)
-        return {d: dim for d, dim in spec.items() if x.shape[d] > 1} or None
+        return {d: auto for d in spec if x.shape[d] > 1} or None
 
-    return map_all(dims, dict(bound))
+    return pytree.tree_map(lambda x: state_dims(x) if is_state_object(x) else dims(x), dict(bound),
+                           is_leaf=is_state_object)  # fmt: skip
+
+
+def state_dims(x: Any) -> list:
+    """Export's dynamic shapes for a state object: one entry per child, every dimension
+    of its tensors left to export (a cache grows along its sequence dimension)."""
+    children, _ = pytree.SUPPORTED_NODES[type(x)].flatten_fn(x)
+    auto = torch.export.Dim.AUTO
+    return [
+        state_dims(c) if is_state_object(c)
+        else {d: auto for d in range(c.dim()) if c.shape[d] > 1} if isinstance(c, torch.Tensor)
+        else None
+        for c in children
+    ]  # fmt: skip
 
 
 def _substitute_keys(tree: Any, nodes: dict[str, fx.Node]) -> Any:

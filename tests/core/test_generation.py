@@ -1,0 +1,178 @@
+"""Generation (issue 26): ``Extractor.generate`` runs the model's own ``generate`` with the
+extractor as the forward of every step, checked against ``model.generate`` with forward
+hooks; decoding steps with a cache are traced by running, once for every step."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import fxcapture.core.extractor as extractor_module
+from conftest import assert_same, hooked
+from fxcapture import capture
+
+transformers.logging.set_verbosity_error()
+
+MODELS = {
+    "gpt2": (transformers.GPT2LMHeadModel,
+             transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=1),
+             "transformer.h.0", "transformer.h.1.mlp"),
+    "llama": (transformers.LlamaForCausalLM,
+              transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1),
+              "model.layers.0", "model.layers.1.mlp"),
+}  # fmt: skip
+DECODINGS = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20, temperature=0.7),
+    "beams": dict(do_sample=False, num_beams=3),
+}
+
+
+def build(family: str, attn: str) -> torch.nn.Module:
+    cls, config, *_ = MODELS[family]
+    torch.manual_seed(0)
+    return cls._from_config(copy.deepcopy(config), attn_implementation=attn).eval()
+
+
+def prompt(batch: int = 2, length: int = 6) -> torch.Tensor:
+    return torch.randint(2, 100, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def run(fn, *args, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)  # the same random numbers for sampling, in both runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODINGS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_generate_equals_model_generate_with_hooks(family, attn, decoding):
+    model = build(family, attn)
+    paths = list(MODELS[family][2:])
+    ex = capture(model, paths)
+    ids = prompt()
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, **DECODINGS[decoding])
+    for seed in (0, 1):  # twice: the second generate reuses the graphs
+        sequences, feats = run(ex.generate, ids, seed=seed, **kwargs)
+        with hooked(model, paths) as seen:
+            expected = run(model.generate, ids, seed=seed, **kwargs)
+        assert torch.equal(sequences, expected), (family, attn, decoding)
+        for path in paths:
+            assert len(feats[path]) == len(seen[path]) == 8  # the prompt step and 7 decoding steps
+            for step, (got, want) in enumerate(zip(feats[path], seen[path])):
+                assert_same(got, want, path=f"{path} step {step}")
+        assert ex.tracer == "running" and ex.explain().startswith("tracer: running"), ex.explain()
+    if decoding != "beams":  # rows are sequences: one (batch, prompt + new - 1, hidden) tensor
+        aligned = feats.aligned(paths[0])
+        assert aligned.shape[:2] == (2, ids.shape[1] + 8 - 1)
+        assert torch.equal(aligned, torch.cat([first(v) for v in seen[paths[0]]], dim=1))
+    else:
+        with pytest.raises(ValueError, match="beam"):
+            feats.aligned(paths[0])
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_twenty_decoding_steps_trace_once(family, monkeypatch):
+    builds = []
+    build_program = extractor_module.build_program
+
+    def counting(*args, **kwargs):
+        builds.append(args[2] is not None)  # traced on an example: a running trace
+        return build_program(*args, **kwargs)
+
+    monkeypatch.setattr(extractor_module, "build_program", counting)
+    model = build(family, "sdpa")
+    ex = capture(model, [MODELS[family][2]])
+    ids = prompt(3, 5)
+    sequences, feats = run(ex.generate, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(sequences, run(model.generate, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False))
+    assert len(feats[MODELS[family][2]]) == 20
+    # the symbolic attempt, the prompt step, one decoding step; not one per step
+    assert builds.count(True) == 2, builds
+    sequences, _ = run(ex.generate, prompt(2, 9), max_new_tokens=20, do_sample=False)  # other sizes too
+    assert builds.count(True) == 2, builds
+
+
+def test_decoding_step_by_hand_updates_the_callers_cache():
+    """``ex(next_id, cache=cache)`` outside generate: the graph's new cache is written into
+    the caller's object, as the model updates the cache it is given."""
+    model = build("gpt2", "sdpa")
+    ex = capture(model, ["transformer.h.1"])
+    ids = prompt()
+    with torch.no_grad():
+        out, _ = ex(input_ids=ids, use_cache=True)
+        ref = model(input_ids=ids, use_cache=True)
+        cache, ref_cache = out.cache, ref.cache
+        for _ in range(4):
+            next_id = ref.logits[:, -1:].argmax(-1)
+            out, feats = ex(input_ids=next_id, cache=cache, use_cache=True)
+            with hooked(model, ["transformer.h.1"]) as seen:
+                ref = model(input_ids=next_id, cache=ref_cache, use_cache=True)
+            assert out.cache is cache and cache.get_seq_length() == ref_cache.get_seq_length()
+            assert torch.equal(out.logits, ref.logits)
+            assert_same(feats["transformer.h.1"], seen["transformer.h.1"][0])
+            for mine, theirs in zip(cache.layers, ref_cache.layers):
+                assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert ex.tracer == "running"
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_steering_at_every_step_equals_a_hook(family):
+    model = build(family, "sdpa")
+    path = MODELS[family][2]
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 4
+
+    def add(value, key):
+        return (value[0] + vector,) + tuple(value[1:]) if isinstance(value, tuple) else value + vector
+
+    ex = capture(model, [], edit={path: add})
+    ids = prompt()
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    steered, feats = run(ex.generate, ids, **kwargs)
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, out: add(out, path))
+    try:
+        expected = run(model.generate, ids, **kwargs)
+    finally:
+        handle.remove()
+    assert torch.equal(steered, expected)
+    assert not torch.equal(steered, run(model.generate, ids, **kwargs))  # the edit changed the tokens
+    assert feats == {}
+
+
+def test_num_return_sequences_rows_are_sequences():
+    model = build("gpt2", "sdpa")
+    path = MODELS["gpt2"][2]
+    ex = capture(model, [path])
+    ids = prompt()
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=True, num_return_sequences=3)
+    sequences, feats = run(ex.generate, ids, **kwargs)
+    with hooked(model, [path]) as seen:
+        expected = run(model.generate, ids, **kwargs)
+    assert torch.equal(sequences, expected) and sequences.shape[0] == 6
+    assert torch.equal(feats.aligned(path), torch.cat([first(v) for v in seen[path]], dim=1))
+
+
+def test_generate_leaves_the_model_as_it_was():
+    model = build("gpt2", "sdpa")
+    before = dict(model.__dict__)
+    run(capture(model, ["transformer.h.0"]).generate, prompt(), max_new_tokens=3)
+    assert model.__dict__ == before and "forward" not in model.__dict__
+
+
+def test_generate_on_a_model_without_generate_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="needs a model with a generate method"):
+        capture(model, ["0"]).generate(torch.randn(2, 4))
