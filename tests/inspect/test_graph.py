@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from conftest import hook_values
+from conftest import hook_values, tiny_gpt2
 from fxcapture import capture
 from fxcapture.cli import main
 from fxcapture.inspect.draw import draw
@@ -184,23 +184,45 @@ def _drawn_boxes(fig):
 ENGINES = ["layered"] + (["dot"] if shutil.which("dot") else [])
 
 
+def assert_reads_down(fig, g: nx.DiGraph) -> None:
+    """Every edge goes down, no two boxes overlap, every label is inside a box."""
+    boxes, texts, _ = _drawn_boxes(fig)
+    assert len(boxes) == len(texts) > 10
+    drawn = g.subgraph(boxes)
+    assert drawn.number_of_edges() >= len(boxes) - 1
+    for u, v in drawn.edges:
+        assert boxes[u].y0 > boxes[v].y1, f"{u} -> {v} does not go down"
+    items = list(boxes.values())
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            assert not a.overlaps(b), "two boxes overlap"
+    for text in texts:
+        assert any(box.x0 <= text.x0 and text.x1 <= box.x1 and box.y0 <= text.y0 and text.y1 <= box.y1
+                   for box in items)  # fmt: skip
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_drawing_flows_down_and_nothing_overlaps(resnet_graph, engine):
-    """Every edge goes down, no two boxes overlap, every label is inside its box: for a
-    residual network's module view and a transformer's op view."""
+    """For a residual network's module view and a transformer's op view."""
     vit = to_networkx(TinyViT().eval(), torch.randn(1, 3, 64, 64), names=["attn"])
     for g in (module_view(resnet_graph), vit):
-        fig = draw(g, engine=engine)
-        boxes, texts, _ = _drawn_boxes(fig)
-        assert len(boxes) == len(texts) > 50
-        drawn = g.subgraph(boxes)
-        assert drawn.number_of_edges() >= len(boxes) - 1
-        for u, v in drawn.edges:
-            assert boxes[u].y0 > boxes[v].y1, f"{u} -> {v} does not go down"
-        items = list(boxes.values())
-        for i, a in enumerate(items):
-            for b in items[i + 1 :]:
-                assert not a.overlaps(b), "two boxes overlap"
-        for text in texts:
-            assert any(box.x0 <= text.x0 and text.x1 <= box.x1 and box.y0 <= text.y0 and text.y1 <= box.y1
-                       for box in items)  # fmt: skip
+        assert_reads_down(draw(g, engine=engine), g)
+
+
+def test_an_exported_graph_reads_as_module_calls():
+    """A transformers model traced by running it (torch.export): parameters read at the
+    root go with the call using them, size reads are hidden, the calls are those hooks see."""
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 8))
+    ex = capture(model, ["transformer.h.1"], example_inputs=(ids,))
+    assert ex.tracer == "running"
+    view = module_view(to_networkx(ex, ids))
+    assert nx.is_directed_acyclic_graph(view)
+    _, seen = hook_values(model, ["transformer.h.0.mlp", "transformer.h.1"], ids)
+    assert view.nodes["transformer.h.0.mlp.c_fc"]["kind"] == "module"
+    assert any(d["captured"] for _, d in view.nodes(data=True) if d["module"] == "transformer.h.1")
+    assert view.nodes["transformer.h.0.mlp.c_proj"]["shape"] == str(tuple(seen["transformer.h.0.mlp"][0].shape))
+    roots = [n for n, d in view.nodes(data=True) if d["kind"] == "op"]
+    assert [n for n in roots if "sym_size" in n or n.endswith(("_weight", "_bias"))] == ["%lm_head_weight"], roots
+    assert view.has_edge("%lm_head_weight", "transformer.wte")  # tied: read by two calls
+    assert_reads_down(draw(view, engine="layered"), view)
