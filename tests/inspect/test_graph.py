@@ -16,7 +16,8 @@ from fxcapture.cli import main
 from fxcapture.inspect.draw import draw
 from fxcapture.cli.models import TinyViT
 from fxcapture.inspect.graph import module_view, to_networkx
-from fxcapture.inspect.layout import layered_layout
+from fxcapture.inspect import layout as layout_module
+from fxcapture.inspect.layout import layered_layout, layout
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,17 @@ def test_layered_layout_goes_down_and_routes_long_edges_between_boxes():
         x, yn = placed.positions[n]
         at_n = [px for px, py in skip if abs(py - yn) < 1e-9]
         assert at_n and all(abs(px - x) > 0.5 for px in at_n)
+
+
+def test_without_graphviz_the_layered_layout_is_used(monkeypatch):
+    g = nx.DiGraph([("a", "b")])
+    sizes = {"a": (1.0, 0.3), "b": (1.0, 0.3)}
+    monkeypatch.setattr(layout_module.shutil, "which", lambda name: None)
+    assert layout(g, sizes).engine == "layered"
+    with pytest.raises(RuntimeError, match="apt install graphviz"):
+        layout(g, sizes, engine="dot")
+    with pytest.raises(ValueError, match="'auto', 'dot' or 'layered'"):
+        layout(g, sizes, engine="neato")
 
 
 def _drawn_boxes(fig):
