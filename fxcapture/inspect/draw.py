@@ -155,9 +155,10 @@ def _draw_boxes(ax: Any, pos: dict, sizes: dict, labels: dict, styles: dict) -> 
     for node, (x, y) in pos.items():
         w, h = sizes[node]
         fill, edge = _COLOURS[styles[node]]
+        width = 1.4 if styles[node] == "captured" else 0.6
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.04",
-                                    facecolor=fill, edgecolor=edge, linewidth=1.4 if styles[node] == "captured" else 0.6,
-                                    clip_on=False, zorder=2, gid=f"node:{node}"))  # fmt: skip
+                                    facecolor=fill, edgecolor=edge, linewidth=width, clip_on=False, zorder=2,
+                                    gid=f"node:{node}"))  # fmt: skip
         ax.text(x, y, labels[node], ha="center", va="center", fontsize=_FONT, zorder=3, clip_on=False)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Iterable
 
 import networkx as nx
@@ -270,7 +269,8 @@ def _runs(g: nx.DiGraph, ordered: list[str], calls: dict[str, tuple[str, str, st
     run_of = {name: i for i, run in enumerate(runs) for name in run}
     flow = nx.DiGraph()
     flow.add_nodes_from(range(len(runs)))
-    flow.add_edges_from((run_of[u], run_of[v]) for u, v in g.edges if u in run_of and v in run_of and run_of[u] != run_of[v])
+    flow.add_edges_from((run_of[u], run_of[v]) for u, v in g.edges
+                        if u in run_of and v in run_of and run_of[u] != run_of[v])  # fmt: skip
     group: dict[str, int] = {}  # call -> the run its next runs merge into
     first: dict[str, int] = {}  # call -> its first run, which the call's key names
     merged = list(range(len(runs)))

@@ -189,7 +189,8 @@ def _drawn_boxes(fig):
     canvas.draw()
     renderer = canvas.get_renderer()
     (ax,) = fig.axes
-    boxes = {p.get_gid()[5:]: p.get_window_extent(renderer) for p in ax.patches if (p.get_gid() or "").startswith("node:")}
+    boxes = {p.get_gid()[5:]: p.get_window_extent(renderer)
+             for p in ax.patches if (p.get_gid() or "").startswith("node:")}  # fmt: skip
     return boxes, [t.get_window_extent(renderer) for t in ax.texts], renderer
 
 
