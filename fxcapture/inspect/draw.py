@@ -120,8 +120,8 @@ def draw(
     x1 = max((pos[n][0] + sizes[n][0] / 2 for n in g), default=1.0)
     y0 = min((pos[n][1] - sizes[n][1] / 2 for n in g), default=0.0)
     y1 = max((pos[n][1] + sizes[n][1] / 2 for n in g), default=1.0)
-    kind = "module calls" if module_level else "ops"
-    title = title or f"{g.graph.get('name', 'model')}: {g.number_of_nodes()} {kind}, data flows downwards"
+    kind = "module call" if module_level else "op"
+    title = title or f"{g.graph.get('name', 'model')}: {len(g)} nodes, one per {kind}, data flows downwards"
     width = max(x1 - x0 + 2 * _MARGIN, 0.1 * len(title) + 1.0, 6.0)  # room for the title
     height = y1 - y0 + _MARGIN + _HEADER
     fig = _figure(figsize=(width, height), dpi=dpi)
