@@ -109,8 +109,9 @@ def tracer_line(tracer: str, notes: list[str]) -> str:
 
     Example::
 
-        >>> tracer_line("running", ["the model: TraceError: symbolically traced variables cannot be used as inputs to control flow"])
-        'tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor (TraceError: ...); torch.export traced it by running it ...)'
+        >>> tracer_line("running", ["the model: TraceError: ... cannot be used as inputs to control flow"])
+        'tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor
+        (TraceError: ...); torch.export traced it by running it on the first call's inputs)'
     """
     if not notes:
         return f"tracer: {tracer}"
@@ -346,7 +347,8 @@ class Extractor(torch.nn.Module):
         Example::
 
             >>> print(capture(gpt2, ["attn_weights"]).explain())
-            tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor (TraceError: ...); torch.export traced it ...)
+            tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop)
+            on a tensor (TraceError: ...); torch.export traced it by running it ...)
             transformer.h.0.attn:attn_weights: local ... <- graph (running)
         """
         program = self._current()

@@ -120,8 +120,8 @@ def draw(
     x1 = max((pos[n][0] + sizes[n][0] / 2 for n in g), default=1.0)
     y0 = min((pos[n][1] - sizes[n][1] / 2 for n in g), default=0.0)
     y1 = max((pos[n][1] + sizes[n][1] / 2 for n in g), default=1.0)
-    kind = "module calls" if module_level else "ops"
-    title = title or f"{g.graph.get('name', 'model')}: {g.number_of_nodes()} {kind}, data flows downwards"
+    kind = "module call" if module_level else "op"
+    title = title or f"{g.graph.get('name', 'model')}: {len(g)} nodes, one per {kind}, data flows downwards"
     width = max(x1 - x0 + 2 * _MARGIN, 0.1 * len(title) + 1.0, 6.0)  # room for the title
     height = y1 - y0 + _MARGIN + _HEADER
     fig = _figure(figsize=(width, height), dpi=dpi)
@@ -155,9 +155,10 @@ def _draw_boxes(ax: Any, pos: dict, sizes: dict, labels: dict, styles: dict) -> 
     for node, (x, y) in pos.items():
         w, h = sizes[node]
         fill, edge = _COLOURS[styles[node]]
+        width = 1.4 if styles[node] == "captured" else 0.6
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.04",
-                                    facecolor=fill, edgecolor=edge, linewidth=1.4 if styles[node] == "captured" else 0.6,
-                                    clip_on=False, zorder=2, gid=f"node:{node}"))  # fmt: skip
+                                    facecolor=fill, edgecolor=edge, linewidth=width, clip_on=False, zorder=2,
+                                    gid=f"node:{node}"))  # fmt: skip
         ax.text(x, y, labels[node], ha="center", va="center", fontsize=_FONT, zorder=3, clip_on=False)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Iterable
 
 import networkx as nx
@@ -246,9 +245,9 @@ def module_view(g: nx.DiGraph, depth: int | None = None) -> nx.DiGraph:
         attrs["captured"] = attrs["captured"] or data["captured"]
         if data.get("captured_as"):
             attrs["captured_as"] = ", ".join(filter(None, [attrs["captured_as"], data["captured_as"]]))
-        if kind == "module" and data["module"] != module:
+        if kind == "module" and data["module"] != module and data["op"] != "get_attr":
             deeper.add(key)
-        elif kind == "module" and data["op"] != "call_module":
+        elif kind == "module" and data["op"] not in ("call_module", "get_attr"):
             attrs["targets"] = ", ".join(dict.fromkeys(filter(None, [*attrs["targets"].split(", "), data["target"]])))
         if kind != "module":
             attrs["shape"] = data["shape"]
@@ -282,7 +281,8 @@ def _runs(g: nx.DiGraph, ordered: list[str], calls: dict[str, tuple[str, str, st
     run_of = {name: i for i, run in enumerate(runs) for name in run}
     flow = nx.DiGraph()
     flow.add_nodes_from(range(len(runs)))
-    flow.add_edges_from((run_of[u], run_of[v]) for u, v in g.edges if u in run_of and v in run_of and run_of[u] != run_of[v])
+    flow.add_edges_from((run_of[u], run_of[v]) for u, v in g.edges
+                        if u in run_of and v in run_of and run_of[u] != run_of[v])  # fmt: skip
     group: dict[str, int] = {}  # call -> the run its next runs merge into
     first: dict[str, int] = {}  # call -> its first run, which the call's key names
     merged = list(range(len(runs)))
@@ -309,7 +309,8 @@ def _detour(flow: nx.DiGraph, a: int, b: int) -> bool:
 def _calls(g: nx.DiGraph, modules: set[str], depth: int | None) -> dict[str, tuple[str, str, str]]:
     """{fx node: (view key, kind, module path)}. A call of a module ends at the op that
     its key (``path`` or ``path@i``) names as its return value; the next op in that
-    module starts its next call."""
+    module starts its next call. A parameter read outside every module goes with the
+    one call that uses it."""
     returns: dict[str, set[int]] = defaultdict(set)  # module -> the call indices it returns
     for _, data in g.nodes(data=True):
         for key in filter(None, data["module_output"].split(", ")):
@@ -327,12 +328,22 @@ def _calls(g: nx.DiGraph, modules: set[str], depth: int | None) -> dict[str, tup
             path = output.partition("@")[0]
             if _truncate(path, depth) == path:
                 current[path] += 1
+    for name, data in g.nodes(data=True):  # a parameter read at the root (torch.export's
+        users = {found[user] for user in g.successors(name)}  # get_attr) goes with its user
+        if data["op"] == "get_attr" and found[name][1] == "op" and len(users) == 1:
+            found[name] = users.pop()
     return found
 
 
+# ops that read a tensor's size: sizes, not data (drawn, a dynamic batch size read
+# once ties the input to every reshape of the model)
+SIZE_READS = frozenset({"size", "sym_size", "sym_size.int", "sym_numel", "sym_numel.default"})
+
+
 def leftovers(g: nx.DiGraph) -> set[str]:
-    """Trace leftovers a drawing hides: ``_assert*`` checks of constant arguments and
-    values nothing uses (unused constants, dead ``size`` calls), unless captured.
+    """Trace leftovers a drawing hides, unless captured: ``_assert*`` checks of constant
+    arguments, reads of a tensor's size (:data:`SIZE_READS`) and values nothing else
+    uses (unused constants, dead ``size`` calls).
 
     Example::
 
@@ -343,8 +354,9 @@ def leftovers(g: nx.DiGraph) -> set[str]:
     for name, data in sorted(g.nodes(data=True), key=lambda item: -item[1]["order"]):  # users first
         if data["captured"] or data["op"] in ("placeholder", "output"):
             continue
-        is_assert = str(data.get("target", "")).lstrip("_").startswith("assert")
-        if is_assert or all(user in hidden for user in g.successors(name)):
+        target = str(data.get("target", ""))
+        is_assert = target.lstrip("_").startswith("assert")
+        if is_assert or target in SIZE_READS or all(user in hidden for user in g.successors(name)):
             hidden.add(name)
     return hidden
 
@@ -362,4 +374,4 @@ def _owner(name: str, data: dict, modules: set[str], depth: int | None) -> tuple
 
 
 # -- drawing ----------------------------------------------------------------------------
-__all__ = ["leftovers", "module_view", "to_networkx"]
+__all__ = ["SIZE_READS", "leftovers", "module_view", "to_networkx"]

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.fx as fx
 
-from conftest import hook_values
+from conftest import hook_values, tiny_gpt2
 from fxcapture import capture
 from fxcapture.cli import main
 from fxcapture.inspect.draw import draw
 from fxcapture.cli.models import TinyViT
 from fxcapture.inspect.graph import module_view, to_networkx
-from fxcapture.inspect.layout import layered_layout
+from fxcapture.inspect import layout as layout_module
+from fxcapture.inspect.layout import layered_layout, layout
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,17 @@ def test_layered_layout_goes_down_and_routes_long_edges_between_boxes():
         assert at_n and all(abs(px - x) > 0.5 for px in at_n)
 
 
+def test_without_graphviz_the_layered_layout_is_used(monkeypatch):
+    g = nx.DiGraph([("a", "b")])
+    sizes = {"a": (1.0, 0.3), "b": (1.0, 0.3)}
+    monkeypatch.setattr(layout_module.shutil, "which", lambda name: None)
+    assert layout(g, sizes).engine == "layered"
+    with pytest.raises(RuntimeError, match="apt install graphviz"):
+        layout(g, sizes, engine="dot")
+    with pytest.raises(ValueError, match="'auto', 'dot' or 'layered'"):
+        layout(g, sizes, engine="neato")
+
+
 def _drawn_boxes(fig):
     """{node: box} of a drawing and the renderer, from the patches draw() tags with gids."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -177,30 +189,53 @@ def _drawn_boxes(fig):
     canvas.draw()
     renderer = canvas.get_renderer()
     (ax,) = fig.axes
-    boxes = {p.get_gid()[5:]: p.get_window_extent(renderer) for p in ax.patches if (p.get_gid() or "").startswith("node:")}
+    boxes = {p.get_gid()[5:]: p.get_window_extent(renderer)
+             for p in ax.patches if (p.get_gid() or "").startswith("node:")}  # fmt: skip
     return boxes, [t.get_window_extent(renderer) for t in ax.texts], renderer
 
 
 ENGINES = ["layered"] + (["dot"] if shutil.which("dot") else [])
 
 
+def assert_reads_down(fig, g: nx.DiGraph) -> None:
+    """Every edge goes down, no two boxes overlap, every label is inside a box."""
+    boxes, texts, _ = _drawn_boxes(fig)
+    assert len(boxes) == len(texts) > 10
+    drawn = g.subgraph(boxes)
+    assert drawn.number_of_edges() >= len(boxes) - 1
+    for u, v in drawn.edges:
+        assert boxes[u].y0 > boxes[v].y1, f"{u} -> {v} does not go down"
+    items = list(boxes.values())
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            assert not a.overlaps(b), "two boxes overlap"
+    for text in texts:
+        assert any(box.x0 <= text.x0 and text.x1 <= box.x1 and box.y0 <= text.y0 and text.y1 <= box.y1
+                   for box in items)  # fmt: skip
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_drawing_flows_down_and_nothing_overlaps(resnet_graph, engine):
-    """Every edge goes down, no two boxes overlap, every label is inside its box: for a
-    residual network's module view and a transformer's op view."""
+    """For a residual network's module view and a transformer's op view."""
     vit = to_networkx(TinyViT().eval(), torch.randn(1, 3, 64, 64), names=["attn"])
     for g in (module_view(resnet_graph), vit):
-        fig = draw(g, engine=engine)
-        boxes, texts, _ = _drawn_boxes(fig)
-        assert len(boxes) == len(texts) > 50
-        drawn = g.subgraph(boxes)
-        assert drawn.number_of_edges() >= len(boxes) - 1
-        for u, v in drawn.edges:
-            assert boxes[u].y0 > boxes[v].y1, f"{u} -> {v} does not go down"
-        items = list(boxes.values())
-        for i, a in enumerate(items):
-            for b in items[i + 1 :]:
-                assert not a.overlaps(b), "two boxes overlap"
-        for text in texts:
-            assert any(box.x0 <= text.x0 and text.x1 <= box.x1 and box.y0 <= text.y0 and text.y1 <= box.y1
-                       for box in items)  # fmt: skip
+        assert_reads_down(draw(g, engine=engine), g)
+
+
+def test_an_exported_graph_reads_as_module_calls():
+    """A transformers model traced by running it (torch.export): parameters read at the
+    root go with the call using them, size reads are hidden, the calls are those hooks see."""
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 8))
+    ex = capture(model, ["transformer.h.1"], example_inputs=(ids,))
+    assert ex.tracer == "running"
+    view = module_view(to_networkx(ex, ids))
+    assert nx.is_directed_acyclic_graph(view)
+    _, seen = hook_values(model, ["transformer.h.0.mlp", "transformer.h.1"], ids)
+    assert view.nodes["transformer.h.0.mlp.c_fc"]["kind"] == "module"
+    assert any(d["captured"] for _, d in view.nodes(data=True) if d["module"] == "transformer.h.1")
+    assert view.nodes["transformer.h.0.mlp.c_proj"]["shape"] == str(tuple(seen["transformer.h.0.mlp"][0].shape))
+    roots = [n for n, d in view.nodes(data=True) if d["kind"] == "op"]
+    assert [n for n in roots if "sym_size" in n or n.endswith(("_weight", "_bias"))] == ["%lm_head_weight"], roots
+    assert view.has_edge("%lm_head_weight", "transformer.wte")  # tied: read by two calls
+    assert_reads_down(draw(view, engine="layered"), view)

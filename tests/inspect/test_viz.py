@@ -106,7 +106,8 @@ def test_feature_grid_captions_stay_inside_their_cells(tmp_path, channels, scale
         ax = cell.axes[0]
         for label in (ax.title, ax.xaxis.label):
             box = label.get_window_extent(renderer)
-            assert cell.bbox.x0 <= box.x0 and box.x1 <= cell.bbox.x1 and cell.bbox.y0 <= box.y0 and box.y1 <= cell.bbox.y1
+            assert cell.bbox.x0 <= box.x0 and box.x1 <= cell.bbox.x1
+            assert cell.bbox.y0 <= box.y0 and box.y1 <= cell.bbox.y1
             labels.append(box)
     for i, a in enumerate(labels):
         assert all(not a.overlaps(b) for b in labels[i + 1 :]), "two captions overlap"
