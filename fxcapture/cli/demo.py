@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..core.api import capture
+from ..dataset.files import check_output_folder
 from ..dataset.run import extract
 from ..dataset.sources import SyntheticImages
 from ..inspect import viz

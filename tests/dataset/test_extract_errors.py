@@ -44,14 +44,6 @@ class Breaks(Dataset):
         return self.x[i]
 
 
-@pytest.fixture
-def no_trace(monkeypatch):
-    def traced(*args, **kwargs):
-        raise AssertionError("the model was traced before the bad input was refused")
-
-    monkeypatch.setattr("fxcapture.core.api.Extractor", traced)
-
-
 # -- arguments: refused by name before any trace -----------------------------------------------
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(out=None), TypeError, "out=None: give the output folder as a path, e.g. out='features/'"),
