@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import fxcapture
 from fxcapture import WriteError
