@@ -3,10 +3,9 @@
 Shell code only: each command is a module of this package with ``add_cli_arguments``
 and ``run_cli``, plus the model specs (``models``) and the demo; it may import every
 package, and the library packages never import from here. Every error ends with an
-error line on stderr, never a traceback: exit status 2 for what the command line can fix
-(checked before the model is built or traced where it can be), 1 for anything else (with a
-line saying how to see its traceback),
-130 for Ctrl-C.
+error line on stderr, never a traceback: exit status 2 for what the command line can
+fix (checked before the model is built or traced where it can be), 1 for anything else
+(with a line saying how to see its traceback), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
