@@ -11,7 +11,6 @@ fix (checked before the model is built or traced where it can be), 1 for anythin
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from typing import Callable
@@ -84,11 +83,9 @@ def _interrupted(where: str) -> int:
 
 def _one_line(err: BaseException, named: bool) -> str:
     """The error's message on one line (the first line of a multi-line one), with its
-    type when it is not self-explanatory; a bare errno ``[Errno 2] ...`` in words."""
+    type when it is not self-explanatory; an ``[Errno 28] ...: 'path'`` as ``path: cause``."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.filename}: {err.strerror.lower()}"
-        if err.errno == errno.ENOSPC:
-            text = f"no space left on device: {text}"
     else:
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if named or not text:
