@@ -231,3 +231,14 @@ def kill_after_chunks(command: list[str], out: Path, chunks: int, env: dict, sec
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()
+
+
+@pytest.fixture
+def no_trace(monkeypatch):
+    """Tracing fails loudly: an error a test expects was raised before any trace."""
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the model was traced before the bad input was refused")
+
+    monkeypatch.setattr("fxcapture.core.api.Extractor", traced)
+    monkeypatch.setattr("fxcapture.core.api.choose_trace", traced)

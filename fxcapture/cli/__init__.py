@@ -2,14 +2,15 @@
 
 Shell code only: each command is a module of this package with ``add_cli_arguments``
 and ``run_cli``, plus the model specs (``models``) and the demo; it may import every
-package, and the library packages never import from here. Errors a user can fix
-end with a one-line message and exit status 2, never a traceback.
+package, and the library packages never import from here. Every error ends with an
+error line on stderr, never a traceback: exit status 2 for what the command line can
+fix (checked before the model is built or traced where it can be), 1 for anything else
+(with a line saying how to see its traceback), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from typing import Callable
@@ -82,11 +83,9 @@ def _interrupted(where: str) -> int:
 
 def _one_line(err: BaseException, named: bool) -> str:
     """The error's message on one line (the first line of a multi-line one), with its
-    type when it is not self-explanatory; a bare errno ``[Errno 2] ...`` in words."""
+    type when it is not self-explanatory; an ``[Errno 28] ...: 'path'`` as ``path: cause``."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.filename}: {err.strerror.lower()}"
-        if err.errno == errno.ENOSPC:
-            text = f"no space left on device: {text}"
     else:
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if named or not text:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .._util.atomic import TMP_PREFIX, atomic_file
-from ..dataset.files import write_error
+from ..dataset.files import make_dirs, write_error
 
 RECORD_TYPES = ("single", "epoch_full")
 _PATTERNS = {"single": "single_epoch*_batch*.pt", "epoch_full": "epoch_full_epoch*.pt"}
@@ -95,15 +95,8 @@ def _inside(root: Path, path: Path) -> Path:
 
 def _dir(output_dir: Path, alias: str) -> Path:
     path = _inside(output_dir, output_dir / folder_name(alias))
-    _mkdir(path)
+    make_dirs(path)
     return _inside(output_dir, path)
-
-
-def _mkdir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file in the way, no permission, a read-only file system
-        raise write_error(path, err) from err
 
 
 def _save(obj: Any, root: Path, path: Path) -> Path:
@@ -150,7 +143,7 @@ def save_epoch(output_dir: Path, data: dict[str, dict]) -> list[Path]:
 def save_custom(output_dir: Path, obj: Any, filename: str) -> Path:
     """``torch.save(obj)`` to ``<output_dir>/<filename>``; ``filename`` is a plain name."""
     check_name(filename, "filename")
-    _mkdir(output_dir)
+    make_dirs(output_dir)
     return _save(obj, output_dir, output_dir / filename)
 
 

@@ -110,6 +110,15 @@ def make_private_dir(folder: Path, what: str) -> Path:
     return path
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p path``; a failure (a file in the way, no permission, a read-only file
+    system) is a :class:`WriteError` naming the path."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(Path(path), err) from err
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically: a private temporary, fsynced, renamed onto it."""
     text = json.dumps(data, indent=1, default=str).encode() + b"\n"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .files import check_space, is_own_temp, plain_name, read_json, real_dir, regular_file, write_json
+from .files import check_space, is_own_temp, make_dirs, plain_name, read_json, real_dir, regular_file, write_json
 from .lock import LOCK_NAME
 from .writer import CHUNK_RE, CHUNKS, INDEX
 
@@ -120,7 +120,7 @@ def prepare_output(out: Path, config: dict[str, Any], *, resume: bool, overwrite
     if primary:
         if state is not None and overwrite:
             remove_output(out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         remove_own_temporaries(out)
         if not (out / RUN).exists():
             check_space(out, 64 << 10, RUN)
@@ -129,7 +129,7 @@ def prepare_output(out: Path, config: dict[str, Any], *, resume: bool, overwrite
         if not real_dir(out / CHUNKS):
             if (out / CHUNKS).is_symlink():
                 raise FileExistsError(f"{out / CHUNKS} is a link: fxcapture writes only inside {out}")
-            (out / CHUNKS).mkdir()
+            make_dirs(out / CHUNKS)
     return "run"
 
 

@@ -53,7 +53,8 @@ from .output import (
     remove_temporaries,
     uncovered,
 )
-from .store import Column, Features, Loader, TokenColumn, load, read_manifest
+from .loader import Loader
+from .store import Column, Features, TokenColumn, load, read_manifest
 from .writer import CHUNKS, INDEX, ChunkWriter, chunk_name, file_names, write_chunk
 
 __all__ = [

@@ -23,16 +23,6 @@ def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def no_trace(monkeypatch):
-    """Building an extractor (the trace) fails loudly: what is refused was refused before."""
-
-    def traced(*args, **kwargs):
-        raise AssertionError("the model was traced before the bad input was refused")
-
-    monkeypatch.setattr("fxcapture.core.api.Extractor", traced)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--model", "hf-config:gpt2", "--config-overrides", "n_layer=abc"],
      "gpt2's n_layer takes int values, got 'abc' (e.g. n_layer=12)"),

@@ -48,15 +48,6 @@ class WithHead(nn.Module):
         return self.head(self.transformer(x))
 
 
-@pytest.fixture
-def no_trace(monkeypatch):
-    def traced(*args, **kwargs):
-        raise AssertionError("the model was traced before the bad input was refused")
-
-    monkeypatch.setattr("fxcapture.core.api.Extractor", traced)
-    monkeypatch.setattr("fxcapture.core.api.choose_trace", traced)
-
-
 @pytest.mark.parametrize("model, message", [
     (Base, "capture() got the class Base, not a model: build one first, e.g. capture(Base(...), ...)"),
     ("resnet18", "capture() got the str 'resnet18', not a model: build the model in Python first"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import fxcapture
 from fxcapture import WriteError
@@ -42,14 +42,6 @@ class Breaks(Dataset):
         if i == self.bad:
             raise KeyError(f"record {i} is missing")
         return self.x[i]
-
-
-@pytest.fixture
-def no_trace(monkeypatch):
-    def traced(*args, **kwargs):
-        raise AssertionError("the model was traced before the bad input was refused")
-
-    monkeypatch.setattr("fxcapture.core.api.Extractor", traced)
 
 
 # -- arguments: refused by name before any trace -----------------------------------------------
