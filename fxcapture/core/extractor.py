@@ -27,7 +27,7 @@ from .records import Catalogue
 from .runtime import refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
-MAX_TRACES = 8  # running traces kept per mode (one per set of guards)
+MAX_TRACES = 8  # graphs kept per mode and call pattern (one per set of guards)
 
 
 def _follows(program: Program) -> bool:
@@ -296,8 +296,12 @@ class Extractor(torch.nn.Module):
 
     # -- introspection -------------------------------------------------------------
     def _current(self) -> Program | None:
-        """The program of the latest call (or the one built first), if any."""
-        return self._program
+        """The program of the latest call (or the one built first; the latest running
+        trace of the model's mode), if any."""
+        if self._program is not None:
+            return self._program
+        traces = self._running[self._model.training]
+        return traces[0] if traces else None
 
     @property
     def names(self) -> list[str]:
