@@ -16,10 +16,10 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from conftest import TRACERS, assert_matches_hooks, assert_same, capture_under, hook_values, under
 from fxcapture import capture, list_names
+from zoo.toy_models import KeywordOnlyDefaults, PackedLSTM
 
 
 # -- locals written in place ----------------------------------------------------------
@@ -183,21 +183,9 @@ def test_only_the_models_own_frames_have_locals(tracer):
 
 
 # -- signatures and types ----------------------------------------------------------------------
-class KeywordOnly(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x, *, mask=None, scale=2.0):
-        h = self.lin(x)
-        if mask is not None:
-            h = h * mask
-        return h * scale
-
-
 @pytest.mark.parametrize("tracer", TRACERS)
 def test_keyword_only_arguments_may_be_omitted_or_given(tracer):
-    root, key = under(tracer, KeywordOnly())
+    root, key = under(tracer, KeywordOnlyDefaults())
     reference = copy.deepcopy(root)
     ex = capture_under(tracer, root, ["lin"], torch.randn(2, 4), key)
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -241,19 +229,6 @@ def test_a_static_forward_with_several_inputs(fallback):
         assert_same(out, ref)
         assert_matches_hooks(feats, seen)
         torch.testing.assert_close(feats["static:c"], ref + 1)
-
-
-class PackedLSTM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(4, 3, batch_first=True)
-        self.head = nn.Linear(3, 2)
-
-    def forward(self, x, lengths):
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, (h, c) = self.rnn(packed)
-        padded, _ = pad_packed_sequence(out, batch_first=True)
-        return self.head(padded), h
 
 
 @pytest.mark.parametrize("tracer", TRACERS)
