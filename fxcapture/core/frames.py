@@ -5,7 +5,7 @@ A frame is watched when its code is the model's: a file outside torch, the stand
 library and installed packages; an installed package that defines one of the model's
 module classes (transformers, timm); code typed by a user (a notebook cell,
 ``python -c``, ``exec`` of a string). fxcapture's own library code never is;
-comprehensions and lambdas are not either.
+comprehensions, lambdas and the methods dataclasses generate are not either.
 
 Example::
 
@@ -35,6 +35,8 @@ _SITE_DIRS = tuple({os.path.abspath(_PATHS[k]) + os.sep for k in ("purelib", "pl
 _STDLIB_DIRS = tuple({os.path.abspath(_PATHS[k]) + os.sep for k in ("stdlib", "platstdlib")})
 _USER_SOURCES = ("<string>", "<stdin>")
 _NEVER_PACKAGES = {"torch", "functorch", "fxcapture"}
+# methods that dataclasses generate with exec (a "<string>" file, yet not user code)
+_GENERATED = "__create_fn__."
 
 
 def _is_user_source(filename: str) -> bool:
@@ -57,8 +59,10 @@ class FrameFilter:
     def watches(self, code) -> bool:
         watched = self._cache.get(code)
         if watched is None:
-            watched = self._cache[code] = not code.co_name.startswith("<") and self._watches_file(
-                code.co_filename
+            watched = self._cache[code] = (
+                not code.co_name.startswith("<")
+                and not getattr(code, "co_qualname", "").startswith(_GENERATED)
+                and self._watches_file(code.co_filename)
             )
         return watched
 

@@ -141,3 +141,44 @@ def test_transformers_same_keys_order_values_under_every_fallback():
                 for g, r in zip(torch.utils._pytree.tree_leaves(feats[key]),
                                 torch.utils._pytree.tree_leaves(ref_feats[key])):  # fmt: skip
                     torch.testing.assert_close(g, r, msg=f"{fallback} {key}")
+
+
+def _resnet():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+
+
+def _toy():
+    return Toy(), torch.randn(3, 4)
+
+
+@pytest.mark.parametrize("build, selectors", [
+    (_resnet, ["layer1.*", "identity", "layer2.**:out", "fc", "maxpool"]),
+    (_toy, ["block.*", "block:*", "*:s", "pair"]),
+])  # fmt: skip
+def test_globs_and_bare_names_same_under_every_fallback(build, selectors):
+    torch.manual_seed(0)
+    model, x = build()
+    results = {}
+    for fallback in ("never", "auto", "always"):
+        ex = capture(model, selectors, fallback=fallback)
+        with torch.no_grad():
+            results[fallback] = [ex(x), ex(x[:1])]
+    modules = dict(model.named_modules())
+    for step, batch in enumerate((x, x[:1])):
+        seen = {}
+        handles = [m.register_forward_hook(lambda m, i, o, p=p: seen.setdefault(p, []).append(detached_copy(o)))
+                   for p, m in modules.items() if p]  # fmt: skip
+        with torch.no_grad():
+            model(batch)
+        for h in handles:
+            h.remove()
+        keys = list(results["never"][step][1])
+        for fallback, runs in results.items():
+            out, feats = runs[step]
+            assert list(feats) == keys, fallback
+            for key, value in feats.items():
+                torch.testing.assert_close(value, results["never"][step][1][key], rtol=0, atol=0)
+                path, _, call = key.partition("@")
+                if path in seen:  # a module output: what its hook saw
+                    torch.testing.assert_close(value, seen[path][int(call or 0)], rtol=0, atol=0)
