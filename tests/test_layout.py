@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -308,3 +309,27 @@ def test_the_readme_table_names_every_package_and_module():
 def _prefixes(module: str) -> list[str]:
     """``monitor_store`` -> ``monitor_``: a table may name a family as ``monitor_*``."""
     return [module[: i + 1] for i, c in enumerate(module) if c == "_"]
+
+
+def core_floors() -> dict[str, int]:
+    """``{module: row}`` of the README's table of the stages inside ``core``."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Inside `core`, the stages"):]
+    rows = [line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("| `")]
+    return {
+        f"fxcapture.core.{name}": floor
+        for floor, row in enumerate(rows)
+        for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
+
+
+def test_the_readme_order_inside_core_matches_the_imports(graph):
+    floors = core_floors()
+    core = [m for m in source_files() if m.startswith("fxcapture.core.")]
+    assert sorted(floors) == sorted(core), "README's core table must name each core module once"
+    upward = [
+        f"{where(i)}: {i.source} (row {floors[i.source]}) imports {i.target} (row {floors[i.target]})"
+        for i in graph
+        if i.source in floors and i.target in floors and floors[i.target] > floors[i.source]
+    ]
+    assert not upward, "a core module imports a later stage:\n" + "\n".join(upward)

@@ -28,11 +28,9 @@ Example::
     >>> feats["blocks.0.attn:attn_probs"].shape
     torch.Size([2, 6, 197, 197])
 
-The probabilities are taken after the softmax and before attention dropout
-(``nn.MultiheadAttention`` reports them after its dropout, as it does itself). In
-training mode with ``dropout_p > 0`` the explicit form draws its dropout mask with
-``F.dropout``, so the output is not bit-identical to the fused kernel's; in eval mode
-it is ``allclose`` to the fused path.
+Probabilities are taken after the softmax, before attention dropout (after it for
+``nn.MultiheadAttention``, as it reports them). With ``dropout_p > 0`` in training the
+explicit form draws its mask with ``F.dropout`` (not bit-identical to the fused kernel).
 """
 
 from __future__ import annotations
@@ -171,11 +169,9 @@ _ROLES: dict[Any, str] = {
 
 
 def attention_role(op: Any) -> str | None:
-    """The part ``op`` plays in unfused attention, ``softmax(scores)`` -> dropout or casts
-    -> ``probs @ values``: ``"softmax"``, ``"pass"``, ``"matmul"`` or ``None``.
-
-    The one recogniser of the graph rewrite and of :class:`ExplicitAttentionMode`;
-    ``op`` is a function, a Tensor method or its name, or a module.
+    """The part of ``op`` (a function, a Tensor method or its name, a module) in unfused
+    attention, ``softmax(scores)`` -> dropout or casts -> ``probs @ values``: the one
+    recogniser of the graph rewrite and of :class:`ExplicitAttentionMode`.
 
     Example::
 
@@ -184,10 +180,7 @@ def attention_role(op: Any) -> str | None:
     """
     if isinstance(op, torch.nn.Module):
         return next((_ROLES[c] for c in type(op).__mro__ if c in _ROLES), None)
-    try:
-        role = _ROLES.get(op)
-    except TypeError:  # an unhashable callable
-        return None
+    role = _ROLES.get(op) if getattr(op, "__hash__", None) else None
     return role if role is not None or isinstance(op, str) else _ROLES.get(getattr(op, "__name__", None))
 
 

@@ -7,7 +7,8 @@ by where a file lives: the package that defines one of the model's module classe
 command-line models); code typed by a user (a notebook cell, ``python -c``,
 ``exec`` of a string); a file outside the folders of installed packages and the
 standard library (the user's scripts). torch and fxcapture's own library code
-never are; comprehensions and lambdas are not either.
+never are; comprehensions, lambdas and the methods dataclasses generate are not
+either.
 
 Example::
 
@@ -39,8 +40,8 @@ _LIBRARY_DIRS = (_TORCH_DIR,) + tuple(
 _PATHS = sysconfig.get_paths()
 _STDLIB_DIRS = tuple({os.path.abspath(_PATHS[k]) + os.sep for k in ("stdlib", "platstdlib")})
 _USER_SOURCES = ("<string>", "<stdin>")
-# packages whose code made from a string (a generated dataclass __init__) is never the model's
-_NEVER_PACKAGES = frozenset({"torch", "functorch", "fxcapture"})
+# methods that dataclasses generate with exec (a "<string>" file, yet not user code)
+_GENERATED = "__create_fn__."
 
 
 def _is_user_source(filename: str) -> bool:
@@ -97,21 +98,11 @@ class FrameFilter:
     def watches(self, code) -> bool:
         watched = self._cache.get(code)
         if watched is None:
-            watched = self._cache[code] = not code.co_name.startswith("<") and self._watches_file(
-                code.co_filename
+            watched = self._cache[code] = (
+                not code.co_name.startswith("<")
+                and not getattr(code, "co_qualname", "").startswith(_GENERATED)
+                and self._watches_file(code.co_filename)
             )
-        return watched
-
-    def watches_frame(self, frame: Any) -> bool:
-        """:meth:`watches` for a running frame. Code made from a string belongs to the
-        module whose globals it runs in: a dataclass ``__init__`` that torch generates
-        (``<string>``) is torch's, never the user's."""
-        code = frame.f_code
-        watched = self.watches(code)
-        if watched and code.co_filename.startswith("<"):
-            package = (frame.f_globals.get("__name__") or "").partition(".")[0]
-            if package in _NEVER_PACKAGES:
-                self._cache[code] = watched = False
         return watched
 
     def _watches_file(self, filename: str) -> bool:

@@ -165,7 +165,7 @@ class _Collector:
         return post
 
     def _on_return(self, frame) -> None:
-        if not self.stack or not self.frames.watches_frame(frame):  # outside the model's forward
+        if not self.stack:  # outside the model's forward
             return
         module = self.stack[-1]
         code = frame.f_code

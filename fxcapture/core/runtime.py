@@ -307,7 +307,7 @@ class RuntimeCapture:
             return
         code = frame.f_code
         if session.discovering:
-            if not self.frames.watches_frame(frame):
+            if not self.frames.watches(frame.f_code):
                 return
             names = None
         else:

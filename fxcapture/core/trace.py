@@ -295,7 +295,7 @@ class CaptureTracer(fx.Tracer):
             if function is not None:  # its backward lives only in eager calls
                 self.eager_modules[self._module_stack[-1] if self._module_stack else ""] = f"calls {function}"
             return
-        if event != "return" or not self.frames.watches_frame(frame):
+        if event != "return" or not self.frames.watches(frame.f_code):
             return
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)

@@ -141,3 +141,96 @@ def test_transformers_same_keys_order_values_under_every_fallback():
                 for g, r in zip(torch.utils._pytree.tree_leaves(feats[key]),
                                 torch.utils._pytree.tree_leaves(ref_feats[key])):  # fmt: skip
                     torch.testing.assert_close(g, r, msg=f"{fallback} {key}")
+
+
+def _resnet():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+
+
+def _toy():
+    return Toy(), torch.randn(3, 4)
+
+
+@pytest.mark.parametrize("build, selectors", [
+    (_resnet, ["layer1.*", "identity", "layer2.**:out", "fc", "maxpool"]),
+    (_toy, ["block.*", "block:*", "*:s", "pair"]),
+])  # fmt: skip
+def test_globs_and_bare_names_same_under_every_fallback(build, selectors):
+    torch.manual_seed(0)
+    model, x = build()
+    results = {}
+    for fallback in ("never", "auto", "always"):
+        ex = capture(model, selectors, fallback=fallback)
+        with torch.no_grad():
+            results[fallback] = [ex(x), ex(x[:1])]
+    modules = dict(model.named_modules())
+    for step, batch in enumerate((x, x[:1])):
+        seen = {}
+        handles = [m.register_forward_hook(lambda m, i, o, p=p: seen.setdefault(p, []).append(detached_copy(o)))
+                   for p, m in modules.items() if p]  # fmt: skip
+        with torch.no_grad():
+            model(batch)
+        for h in handles:
+            h.remove()
+        keys = list(results["never"][step][1])
+        for fallback, runs in results.items():
+            out, feats = runs[step]
+            assert list(feats) == keys, fallback
+            for key, value in feats.items():
+                torch.testing.assert_close(value, results["never"][step][1][key], rtol=0, atol=0)
+                path, _, call = key.partition("@")
+                if path in seen:  # a module output: what its hook saw
+                    torch.testing.assert_close(value, seen[path][int(call or 0)], rtol=0, atol=0)
+
+
+class Refine(nn.Module):
+    """Calls ``step`` a data-dependent number of times: run-time capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = nn.Linear(4, 4)
+
+    def forward(self, x, times):
+        for _ in range(int(times.item())):
+            x = self.step(x)
+        return x
+
+
+def test_threads_never_number_each_others_edit_keys():
+    import threading
+
+    model = Refine()
+    seen = threading.local()
+
+    def edit(value, key):
+        seen.keys.append(key)
+        return value
+
+    ex = capture(model, ["step"], edit={"step": edit}, fallback="always")
+    seen.keys = []
+    ex(torch.randn(2, 4), torch.tensor(2))  # the first call: 'step' runs twice
+    results, errors = {}, []
+
+    def run(name, times):
+        seen.keys = []
+        try:
+            for _ in range(20):
+                seen.keys.clear()
+                x = torch.randn(2, 4)
+                out, feats = ex(x, torch.tensor(times))
+                results.setdefault(name, set()).add(tuple(seen.keys))
+                ref = x
+                for _ in range(times):
+                    ref = model.step(ref)
+                assert torch.equal(out, ref) and len(feats) == times
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(n, t)) for n, t in (("one", 1), ("three", 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == {"one": {("step@0",)}, "three": {("step@0", "step@1", "step@2")}}
