@@ -23,6 +23,7 @@ import torch.nn as nn
 from fxcapture.core import internals
 from fxcapture.core.extractor import run_hooks, run_pre_hooks
 from fxcapture.core.internals import InternalsChanged, pytree
+from fxcapture.core.quiet import hold_output
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fxcapture"
 
@@ -278,3 +279,32 @@ def test_the_scan_would_see_a_private_name():
     assert PRIVATE.search("ident = (id(v), v._version)")
     assert not PRIVATE.search("self._seen.clear()")
     assert not PRIVATE.search("from ._version import __version__; torch.__version__")
+
+
+def test_export_quietly_exports_as_export_does_and_prints_no_partial_graph(capfd):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    x = torch.randn(2, 3)
+    ours = internals.export_quietly(Structured(), (x,), {}, None)
+    theirs = torch.export.export(Structured(), (x,), strict=False)
+    assert ours.graph_module.code == theirs.graph_module.code
+    with pytest.raises(RuntimeError, match="data-dependent"), hold_output():  # its log records: held
+        internals.export_quietly(DataDependent(), (x,), {}, None)
+    quiet = capfd.readouterr()
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        torch.export.export(DataDependent(), (x,), strict=False)
+    loud = capfd.readouterr()
+    assert "def forward" in loud.err  # what export's wrapper prints, and export_quietly does not
+    assert "def forward" not in quiet.err + quiet.out
+
+
+def test_torch_export_exports_through_the_function_export_quietly_calls(monkeypatch):
+    from torch.export import _trace
+
+    calls = []
+    real = _trace._export_for_training
+    monkeypatch.setattr(_trace, "_export_for_training", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.export.export(Structured(), (torch.randn(3),), strict=False)
+    assert len(calls) == 1 and calls[0]["strict"] is False
