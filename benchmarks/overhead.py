@@ -357,7 +357,7 @@ def measure_builds(args: argparse.Namespace) -> Table:
         for build in builders.values():
             build()
         progress(f"build times of {name}: timing")
-        builds = time_builds(builders, repeats=1 if args.quick else 2)
+        builds = time_builds(builders, repeats=args.build_repeats)
         plain = builds["plain export"][0]
         for method, (seconds, product) in builds.items():
             capture_row = method.startswith("capture")
@@ -367,8 +367,8 @@ def measure_builds(args: argparse.Namespace) -> Table:
         table.notes.append(f"{name} (python {version[0]}.{version[1]}): capture x plain export at most "
                            f"{worst / plain:.2f} (target <= {target}: {'met' if worst / plain <= target else 'not met'})")  # fmt: skip
     table.notes.insert(0, (
-        "ids (2, 32); each build timed after one warm-up build of every row (torch's caches warm), "
-        "median of the interleaved repeats; capture traces by running with batch and sequence dynamic, "
+        f"ids (2, 32); each build timed after one warm-up build of every row (torch's caches warm), "
+        f"median of {args.build_repeats} interleaved repeat(s); capture traces by running with batch and sequence dynamic, "
         "hence the second reference row"
     ))  # fmt: skip
     return table
@@ -381,6 +381,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default="resnet50,vit,gpt2,build",
                         help="comma-separated subset of resnet50, vit, gpt2, build (default: all)")  # fmt: skip
     parser.add_argument("--gpt2-sizes", default="tiny,124M", help="GPT-2 sizes to measure (default tiny,124M)")
+    parser.add_argument("--build-repeats", type=int, default=2, help="timed builds per row of the build table")
     parser.add_argument("--backend", default=None,
                         help="torch.compile backend of the GPT-2 compiled table (default inductor, eager with --quick)")  # fmt: skip
     args = finish_arguments(parser.parse_args(argv))

@@ -213,6 +213,14 @@ class Trace:
     notes: list[str] = field(default_factory=list)  # why the running tracer was used
 
 
+def needs_running(model: torch.nn.Module) -> bool:
+    """Models known to need the running tracer: transformers' ``PreTrainedModel`` (its
+    forward reads configs, caches and masks that symbolic fx cannot follow)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__
+    )
+
+
 def choose_trace(
     model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
 ) -> Trace | None:
@@ -222,6 +230,14 @@ def choose_trace(
         why = "fallback='always'" if spec.fallback == "always" else "global module hooks"
         return Trace(None, None, {"": why}, "run time")
     eager = {path: "has hooks: runs as the model runs it" for path in hooked_modules(model)}
+    if example is not None and not eager and not has_hooks(model) and needs_running(model):
+        try:  # no symbolic attempt first: it would fail or be rejected
+            running, guard = trace_by_running(model, *example, attention=spec.attention)
+        except Exception:  # the policy below decides, and says why
+            pass
+        else:
+            why = f"{type(model).__name__} is a transformers model: traced by running"
+            return Trace(running, build_catalogue(running, model), {}, "running", guard, [why])
     while True:
         try:
             result, catalogue, untraced = trace_with_fallback(model, spec, eager)
