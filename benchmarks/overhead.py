@@ -11,7 +11,11 @@ rounds, see ``common.py``):
   wide, sequence 16, batch 1 and ``--batch-size``) and the 124M config (sequence 128, batch
   1), capturing the blocks' outputs (sdpa) or every ``attn_weights`` (eager attention), next
   to forward hooks and ``output_attentions=True``; then ``torch.compile(ex)`` vs
-  ``torch.compile(model)`` (targets: eager <= 1.02, tiny <= 1.05, compiled <= 1.03).
+  ``torch.compile(model)`` (targets: eager <= 1.02, tiny <= 1.05, compiled <= 1.03);
+- build time (issue 23, ``--models build``): ``capture(..., example_inputs=...)`` of one
+  local, a block output and ``attn_probs`` next to a plain ``torch.export(strict=False)``,
+  warm, for GPT-2 124M and a 32-layer small-width LLaMA (targets: <= 1.3x on Python 3.12+,
+  <= 1.6x on 3.11).
 
 Usage::
 
@@ -304,22 +308,89 @@ def _measure_gpt2_compiled(name: str, size: str, built: dict[str, Any], device: 
                        f"{'met' if r <= COMPILED_TARGET else 'not met'})")  # fmt: skip
 
 
+# -- build time of a running trace (issue 23) -------------------------------------------
+BUILD_HEADERS = ["model", "python", "method", "build s (warm)", "x plain export", "target", "tracer"]
+BUILD_TARGETS = {(3, 11): 1.6}  # issue 23: capture / plain torch.export(strict=False), warm; 1.3 on 3.12+
+LLAMA_32 = dict(num_hidden_layers=32, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+
+
+def build_cases(quick: bool) -> list[tuple[str, Any, dict[str, str]]]:
+    """(name, model, {method: selector}): GPT-2 124M and a 32-layer small-width LLaMA, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gpt2 = gpt2_model(TINY if quick else {}, "sdpa")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM._from_config(
+        LlamaConfig(**{**LLAMA_32, "num_hidden_layers": 2 if quick else 32}), attn_implementation="sdpa"
+    ).eval()
+    return [
+        ("gpt2 124M" if not quick else "gpt2 tiny", gpt2,
+         {"one local": "transformer.h.0.attn:attn_output", "block output": "transformer.h.1", "attn_probs": "attn_probs"}),
+        ("llama 32 layers x 128" if not quick else "llama 2 layers x 128", llama,
+         {"one local": "model.layers.0.self_attn:attn_output", "block output": "model.layers.1",
+          "attn_probs": "attn_probs"}),
+    ]  # fmt: skip
+
+
+def measure_builds(args: argparse.Namespace) -> Table:
+    """Warm build time (the second build in this process) of ``capture(..., example_inputs=...)``
+    next to a plain ``torch.export.export(strict=False)`` of the same model on the same ids."""
+    from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+
+    from fxcapture import capture
+    from fxcapture.core.running import dynamic_shapes
+
+    version = sys.version_info[:2]
+    target = BUILD_TARGETS.get(version, 1.3)
+    table = Table("Build time of a running trace, warm (cpu)", BUILD_HEADERS)
+    for name, model, selectors in build_cases(args.quick):
+        ids = torch.randint(0, model.config.vocab_size, (2, 32))
+        register_cache_pytrees_for_model(model)  # as capture does: plain export needs it too
+        builders = {
+            "plain export": lambda: torch.export.export(model, (ids,), strict=False),
+            "plain export, dynamic batch/seq": lambda: torch.export.export(
+                model, (ids,), strict=False, dynamic_shapes=dynamic_shapes(model, (ids,), {})),
+            **{f"capture {m}": (lambda s=s: capture(model, [s], example_inputs=(ids,))) for m, s in selectors.items()},
+        }  # fmt: skip
+        progress(f"build times of {name}: warming up")
+        for build in builders.values():
+            build()
+        progress(f"build times of {name}: timing")
+        builds = time_builds(builders, repeats=args.build_repeats)
+        plain = builds["plain export"][0]
+        for method, (seconds, product) in builds.items():
+            capture_row = method.startswith("capture")
+            table.add(name, f"{version[0]}.{version[1]}", method, fmt_s(seconds), fmt_ratio(seconds / plain),
+                      f"<= {target}" if capture_row else "-", getattr(product, "tracer", "-"))  # fmt: skip
+        worst = max(seconds for method, (seconds, _) in builds.items() if method.startswith("capture"))
+        table.notes.append(f"{name} (python {version[0]}.{version[1]}): capture x plain export at most "
+                           f"{worst / plain:.2f} (target <= {target}: {'met' if worst / plain <= target else 'not met'})")  # fmt: skip
+    table.notes.insert(0, (
+        f"ids (2, 32); each build timed after one warm-up build of every row (torch's caches warm), "
+        f"median of {args.build_repeats} interleaved repeat(s); capture traces by running with batch and sequence dynamic, "
+        "hence the second reference row"
+    ))  # fmt: skip
+    return table
+
+
 # -- main ------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, batch_size=8, rounds=15)
-    parser.add_argument("--models", default="resnet50,vit,gpt2",
-                        help="comma-separated subset of resnet50, vit, gpt2 (default: all)")  # fmt: skip
+    parser.add_argument("--models", default="resnet50,vit,gpt2,build",
+                        help="comma-separated subset of resnet50, vit, gpt2, build (default: all)")  # fmt: skip
     parser.add_argument("--gpt2-sizes", default="tiny,124M", help="GPT-2 sizes to measure (default tiny,124M)")
+    parser.add_argument("--build-repeats", type=int, default=2, help="timed builds per row of the build table")
     parser.add_argument("--backend", default=None,
                         help="torch.compile backend of the GPT-2 compiled table (default inductor, eager with --quick)")  # fmt: skip
     args = finish_arguments(parser.parse_args(argv))
     args.gpt2_sizes = args.gpt2_sizes.split(",")
     args.backend = args.backend or ("eager" if args.quick else "inductor")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(WORKLOADS) - {"gpt2"}
+    unknown = set(args.models) - set(WORKLOADS) - {"gpt2", "build"}
     if unknown:
-        parser.error(f"unknown --models {sorted(unknown)}; choose from resnet50, vit, gpt2")
+        parser.error(f"unknown --models {sorted(unknown)}; choose from resnet50, vit, gpt2, build")
     return args
 
 
@@ -338,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
             if name in WORKLOADS:
                 measure_workload(WORKLOADS[name](args.batch_size, args.quick), device, args, table)
         gpt2 = measure_gpt2(device, args) if "gpt2" in args.models else []
+        if "build" in args.models and device.type == "cpu":
+            gpt2.append(measure_builds(args))
         tables += [table] + gpt2
         sections.append(header_line(args, device))  # after the run: names the libraries it loaded
         sections += [table] + gpt2

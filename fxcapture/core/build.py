@@ -251,12 +251,32 @@ class Trace:
     notes: list[str] = field(default_factory=list)  # why the running tracer was used
 
 
+def needs_running(model: torch.nn.Module) -> bool:
+    """Models known to need the running tracer: transformers' ``PreTrainedModel`` (its
+    forward reads configs, caches and masks that symbolic fx cannot follow)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__
+    )
+
+
 def choose_trace(
     model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
 ) -> Trace | None:
     """Trace ``model`` with the tracer :func:`~.policy.decide` picks (see
     :func:`build_program`); ``None`` when that is the running tracer and no example
     inputs are given. The records are made once, for the chosen trace."""
+    if example is not None and spec.fallback != "always" and needs_running(model) and not (
+        global_hooks() or has_hooks(model) or hooked_modules(model)
+    ):
+        try:  # no symbolic attempt first: it would fail or be rejected
+            running, guard = trace_by_running(model, *example, attention=spec.attention)
+        except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
+            raise
+        except Exception:  # the policy below decides, and says why
+            pass
+        else:
+            why = f"{type(model).__name__} is a transformers model: traced by running"
+            return Trace(running, build_catalogue(running, model), {}, RUNNING, guard, [why])
     attempt, result, error = attempt_symbolic(model, spec, example is not None)
     decision, guard = decide(attempt), None
     if decision.tracer == RUNNING:

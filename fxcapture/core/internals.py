@@ -28,7 +28,9 @@ import torch
 import torch.fx as fx
 import torch.nn.modules.module as _module
 import torch.utils._pytree as pytree  # the module export flattens inputs and outputs with (torch 2.14.1)
+from torch.export import _trace as _export_trace
 from torch.fx import _symbolic_trace
+from torch.fx.experimental.dynamic_spec import _resolve_dynamic_shapes
 
 CHECKED_ON = "2.14.1"  # the torch version every assumption below was checked on
 
@@ -90,6 +92,22 @@ def region_ops() -> tuple[Any, ...]:
     if None in ops:
         raise InternalsChanged(f"export's region ops torch.ops.higher_order.{{{', '.join(names)}}}")
     return ops
+
+
+def export_quietly(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> Any:
+    """``torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=...)`` without
+    its print of a failed attempt's partial graph to ``sys.stderr``.
+
+    ``torch.export.export`` runs ``_export_for_training`` (torch 2.14.1: the training-IR
+    path it takes for ``pre_dispatch=True``), whose logging wrapper prints
+    ``error.partial_fx_graph`` with ``print(..., file=sys.stderr)``, not through a logger.
+    The function under that wrapper (its ``__wrapped__``) does the export itself; torch's
+    log records still go through its loggers (held by :mod:`.quiet`).
+    """
+    inner = getattr(_export_trace._export_for_training, "__wrapped__", None)
+    if inner is None:
+        raise InternalsChanged("torch.export._trace._export_for_training under a logging wrapper (__wrapped__)")
+    return inner(model, args, kwargs, _resolve_dynamic_shapes(model, dynamic_shapes), strict=False)
 
 
 def is_fx_tracing() -> bool:

@@ -44,7 +44,7 @@ from .attention import ExplicitAttentionMode
 from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
-from .internals import pytree, region_ops, tensor_version, watch_returns
+from .internals import export_quietly, pytree, region_ops, tensor_version, watch_returns
 from .pytrees import is_state_object
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
@@ -315,13 +315,10 @@ def trace_by_running(
         args, kwargs = tree_map(_normal_tensor, (tuple(args), dict(kwargs)))
         collector.install()
         try:
-            # export's advice on attributes set in forward; its print of a failed partial graph
+            # export's advice on attributes set in forward; its log records about a failed attempt
             with warnings.catch_warnings(), hold_output() as held:
                 warnings.simplefilter("ignore", UserWarning)
-                exported = torch.export.export(
-                    model, tuple(args), dict(kwargs), strict=False,
-                    dynamic_shapes=dynamic_shapes(model, args, kwargs),
-                )  # fmt: skip
+                exported = export_quietly(model, tuple(args), dict(kwargs), dynamic_shapes(model, args, kwargs))
                 held.keep = True
         finally:
             collector.uninstall()
