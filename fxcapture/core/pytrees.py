@@ -185,6 +185,17 @@ def write_back(inputs: Any, output: Any) -> Any:
         return output
 
     def swap(y: Any) -> Any:
+        if isinstance(y, dict):  # in place: a ModelOutput keeps its fields and attributes
+            for k, v in y.items():
+                new = swap(v)
+                if new is not v:
+                    y[k] = new
+            return y
+        if isinstance(y, (list, tuple)):
+            items = [swap(v) for v in y]
+            if all(a is b for a, b in zip(items, y)):
+                return y
+            return type(y)(*items) if hasattr(y, "_fields") else type(y)(items)
         pending = given.get(type(y)) if is_state_object(y) else None
         if not pending:
             return y
@@ -192,7 +203,7 @@ def write_back(inputs: Any, output: Any) -> Any:
         _assign(x, y)
         return x
 
-    return pytree.tree_map(swap, output, is_leaf=is_state_object)
+    return swap(output)
 
 
 def _assign(into: Any, new: Any) -> None:

@@ -176,3 +176,36 @@ def test_generate_on_a_model_without_generate_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="needs a model with a generate method"):
         capture(model, ["0"]).generate(torch.randn(2, 4))
+
+
+def test_static_cache_is_updated_in_place_and_traced_once(monkeypatch):
+    """A ``StaticCache`` (written in place by the model, at fixed addresses): one decoding
+    graph for every step, the caller's tensors updated in place, values as the model's
+    (to rounding: the graph's attention over the whole static length adds in another order)."""
+    builds = []
+    build_program = extractor_module.build_program
+    monkeypatch.setattr(extractor_module, "build_program",
+                        lambda *a, **k: builds.append(a[2] is not None) or build_program(*a, **k))  # fmt: skip
+    model = build("llama", "sdpa")
+    path = MODELS["llama"][2]
+    ex = capture(model, [path])
+    ids = prompt()
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static")
+    sequences, feats = run(ex.generate, ids, **kwargs)
+    with hooked(model, [path]) as seen:
+        expected = run(model.generate, ids, **kwargs)
+    assert torch.equal(sequences, expected)
+    for got, want in zip(feats[path], seen[path], strict=True):
+        assert_same(got, want, exact=False)
+    assert builds.count(True) == 2, builds  # the prompt step and one decoding step
+    mine, theirs = (transformers.StaticCache(config=model.config, max_cache_len=24) for _ in range(2))
+    with torch.no_grad():
+        out, _ = ex(input_ids=ids, cache=mine, use_cache=True)
+        model(input_ids=ids, cache=theirs, use_cache=True)
+        keys = [layer.keys for layer in mine.layers]
+        out, _ = ex(input_ids=ids[:, :1], cache=mine, use_cache=True)
+        model(input_ids=ids[:, :1], cache=theirs, use_cache=True)
+    assert out.cache is mine and all(k is layer.keys for k, layer in zip(keys, mine.layers))  # same addresses
+    for a, b in zip(mine.layers, theirs.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        assert int(a.cumulative_length) == int(b.cumulative_length) == ids.shape[1] + 1
