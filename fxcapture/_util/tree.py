@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree  # SUPPORTED_NODES: the registered types (torch 2.14)
+from .internals import pytree  # SUPPORTED_NODES: the registered types
 
 Leaf = type | tuple[type, ...]
 # how to read one child of a container: (reader, key), reader(container, key) -> child

@@ -32,7 +32,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ..core.internals import is_fx_tracing
+from .._util.internals import is_fx_tracing
 
 F = TypeVar("F", bound=Callable[..., Any])
 Collate = Callable[[Any], Any]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .internals import TORCH_FUNCTION_MODULES, OpOverload
+from .._util.internals import TORCH_FUNCTION_MODULES, OpOverload
 from .trace import INPLACE_FUNCTIONS
 
 _INPLACE_OPERATORS = {

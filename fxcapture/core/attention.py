@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .._util.tree import map_nodes
-from .internals import SDPA_FUNCTIONS, caller_frame
+from .._util.internals import SDPA_FUNCTIONS, caller_frame
 from .sdpa import attention_output, attention_probs, attention_scores, explicit_sdpa
 from .trace import LocalRecord, TraceResult
 

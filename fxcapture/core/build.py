@@ -24,7 +24,7 @@ from .attention import expose_attention_weights
 from .edit import apply_edits
 from .guards import InputGuard, ModelGuard
 from .hazards import has_hooks, hooked_modules
-from .internals import global_hooks
+from .._util.internals import global_hooks
 from .policy import LATER, RAISE, RUN_TIME, RUNNING, Attempt, decide
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue, nested

@@ -21,7 +21,7 @@ from .build import Program, build_program
 from .frames import FrameFilter
 from .generation import GeneratedFeatures, generate
 from .guards import CodeObserver, ModelGuard
-from .internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
+from .._util.internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
 from .pytrees import write_back
 from .records import Catalogue
 from .runtime import refuse_under_compile

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .internals import chain_profile
+from .._util.internals import chain_profile
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .internals import pytree
+from .._util.internals import pytree
 
 from .frames import FrameFilter, ProfileScope
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .frames import is_library_file
-from .internals import MODULE_HOOK_DICTS, grad_mode_codes, tensor_version
+from .._util.internals import MODULE_HOOK_DICTS, grad_mode_codes, tensor_version
 
 # code objects whose call during a symbolic trace means the graph would differ
 HAZARD_CODES: dict[Any, str] = grad_mode_codes()

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from .._util.tree import children, map_nodes, registered_child
 from .aliasing import Aliasing, mutated_input
-from .internals import OpOverload, output_spec, pytree, set_output_spec, tree_spec
+from .._util.internals import OpOverload, output_spec, pytree, set_output_spec, tree_spec
 from .pytrees import compilable_spec
 
 

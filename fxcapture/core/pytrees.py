@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .internals import pytree, tree_spec, unflatten_fn
+from .._util.internals import pytree, tree_spec, unflatten_fn
 
 # transformers.exporters.exporter_dynamo's unflatten of Cache objects (transformers 5)
 _IMPORTING_UNFLATTEN = ("transformers.exporters.exporter_dynamo", "_pytree_unflatten")

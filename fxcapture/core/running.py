@@ -44,7 +44,7 @@ from .attention import ExplicitAttentionMode
 from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
-from .internals import export_quietly, pytree, region_ops, tensor_version, watch_returns
+from .._util.internals import export_quietly, pytree, region_ops, tensor_version, watch_returns
 from .pytrees import is_state_object
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult

@@ -46,7 +46,7 @@ from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
 from .frames import FrameFilter
-from .internals import caller_frame, chain_profile
+from .._util.internals import caller_frame, chain_profile
 from .records import LOCAL, MODULE, Catalogue, NameInfo, Observation, key_observations
 from .select import Selector, SelectorPairs, match, match_record, resolve, unknown_selector_error
 

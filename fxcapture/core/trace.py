@@ -31,7 +31,7 @@ import torch.fx as fx
 from .._util.tree import all_leaves, tree_map
 from .frames import FrameFilter, ProfileScope
 from .hazards import HAZARD_CODES, ModelSnapshot, custom_function
-from .internals import global_hooks
+from .._util.internals import global_hooks
 
 # functions fx cannot follow (they read tensor values) whose results are containers
 # the graph passes along whole: recorded as one node each where the model's module

@@ -1,8 +1,8 @@
 """Canaries: each assumption fxcapture makes about private torch / CPython machinery
-(``fxcapture.core.internals``), pinned so that a torch that moves fails here, loudly.
+(``fxcapture._util.internals``), pinned so that a torch that moves fails here, loudly.
 
 Checked on torch 2.14.1. A failure here means: read the torch change, update
-``core/internals.py`` (and the version it names), not the test.
+``_util/internals.py`` (and the version it names), not the test.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxcapture.core import internals
+from fxcapture._util import internals
 from fxcapture.core.extractor import run_hooks, run_pre_hooks
-from fxcapture.core.internals import InternalsChanged, pytree
+from fxcapture._util.internals import InternalsChanged, pytree
 from fxcapture.core.quiet import hold_output
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fxcapture"
@@ -269,7 +269,7 @@ def test_no_module_outside_internals_uses_a_private_torch_name():
         for line, text in _code_without_comments_and_strings(path)
         if PRIVATE.search(text)
     ]
-    assert not found, "private torch machinery outside fxcapture/core/internals.py:\n" + "\n".join(found)
+    assert not found, "private torch machinery outside fxcapture/_util/internals.py:\n" + "\n".join(found)
 
 
 def test_the_scan_would_see_a_private_name():
