@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import enum
 import itertools
 import operator
 import types

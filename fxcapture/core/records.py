@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.fx as fx
 
 from .._util.tree import map_nodes, nodes
 from .aliasing import Aliasing, value_at

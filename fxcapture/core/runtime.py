@@ -46,7 +46,7 @@ from .._util.tree import leaves, tree_map
 from .attention import ExplicitAttentionMode
 from .edit import apply_edit
 from .frames import FrameFilter
-from .._util.internals import caller_frame, chain_profile
+from .._util.internals import chain_profile
 from .records import LOCAL, MODULE, Catalogue, NameInfo, Observation, key_observations
 from .select import Selector, SelectorPairs, match, match_record, resolve, unknown_selector_error
 
@@ -122,7 +122,8 @@ class _Session:
     observations: list[Observation] = field(default_factory=list)
     clock: _Clock = field(default_factory=_Clock)
     previous_profile: Any = None
-    depth: int = 0
+    depth: int = 0  # region forwards running (the profile function is on while > 0)
+    stack: list[str] = field(default_factory=list)  # paths of the modules being called
     edit_calls: dict[str, int] = field(default_factory=dict)
 
     def is_current(self) -> bool:
@@ -172,13 +173,10 @@ class RuntimeCapture:
         self.optional = list(optional)
         self.attention = attention
         self.frames = FrameFilter(root)
-        self.paths: dict[int, str] = {}
-        self.modules: dict[str, torch.nn.Module] = {}
-        for path, module in root.named_modules():
-            if any(path == r or path.startswith(r + ".") or r == "" for r in regions):
-                self.paths.setdefault(id(module), path)
-                self.modules.setdefault(path, module)
-        self.region_modules = [root.get_submodule(r) if r else root for r in regions]
+        self.modules: dict[str, torch.nn.Module] = {  # the modules inside the regions
+            path: module for path, module in root.named_modules()
+            if any(path == r or path.startswith(r + ".") or r == "" for r in regions)
+        }  # fmt: skip
         # set once, by the first call (under the lock); read-only afterwards
         self.discovered = False
         self.catalogue: list[NameInfo] = []  # every run-time value seen by the first call
@@ -225,8 +223,8 @@ class RuntimeCapture:
     def _install(self, session: _Session) -> list[Any]:
         handles = []
         if session.discovering or self.local_codes or self.attention is not None:
-            enter, leave = self._region_hooks(session)
-            for module in self.region_modules:
+            for path, module in self.modules.items():  # the owner of each frame, as fx's
+                enter, leave = self._stack_hooks(session, path)
                 handles.append(module.register_forward_pre_hook(enter))
                 handles.append(module.register_forward_hook(leave, always_call=True))
         if session.discovering:
@@ -244,7 +242,7 @@ class RuntimeCapture:
 
         def on_probs(probs: torch.Tensor) -> None:
             if session.depth and session.is_current():  # inside an untraced region
-                owner = self._owner(caller_frame())
+                owner = session.stack[-1] if session.stack else ""
                 self._observe(session, LOCAL, owner, "scaled_dot_product_attention", "attn_probs", probs)
 
         return ExplicitAttentionMode(on_probs)
@@ -265,21 +263,27 @@ class RuntimeCapture:
                     "path such as 'transformer.h.1'), or make the module traceable."
                 )
 
-    def _region_hooks(self, session: _Session) -> tuple[Callable, Callable]:
-        """Profile function on/off around region forwards (nested regions are counted)."""
+    def _stack_hooks(self, session: _Session, path: str) -> tuple[Callable, Callable]:
+        """The modules being called (a frame's owner is the innermost, as in the graph
+        tracers), and the profile function on while a region runs (nested ones counted)."""
+        region = path in self.regions
 
         def enter(module, args):
             if session.is_current():
-                if session.depth == 0:
-                    session.previous_profile = sys.getprofile()
-                    sys.setprofile(chain_profile(self._on_profile_event, session.previous_profile))
-                session.depth += 1
+                session.stack.append(path)
+                if region:
+                    if session.depth == 0:
+                        session.previous_profile = sys.getprofile()
+                        sys.setprofile(chain_profile(self._on_profile_event, session.previous_profile))
+                    session.depth += 1
 
         def leave(module, args, output):
-            if session.is_current() and session.depth:
-                session.depth -= 1
-                if session.depth == 0:
-                    sys.setprofile(session.previous_profile)
+            if session.is_current() and session.stack and session.stack[-1] == path:
+                session.stack.pop()
+                if region and session.depth:
+                    session.depth -= 1
+                    if session.depth == 0:
+                        sys.setprofile(session.previous_profile)
 
         return enter, leave
 
@@ -314,7 +318,7 @@ class RuntimeCapture:
             names = self.local_codes.get(code)
             if not names:
                 return
-        owner = self._owner(frame)
+        owner = session.stack[-1] if session.stack else ""
         function = getattr(code, "co_qualname", code.co_name)
         for name, value in frame.f_locals.items():
             if names is not None and name not in names:
@@ -322,18 +326,6 @@ class RuntimeCapture:
             if name == "self" or name.startswith((".", "__")) or not _holds_tensors(value):
                 continue
             self._observe(session, LOCAL, owner, function, name, value, code)
-
-    def _owner(self, frame) -> str:
-        """Path of the innermost module whose method (or a helper it called) is running."""
-        f = frame
-        while f is not None:
-            owner = f.f_locals.get("self")
-            if owner is not None:
-                path = self.paths.get(id(owner))
-                if path is not None:
-                    return path
-            f = f.f_back
-        return ""
 
     # -- observing -------------------------------------------------------------------
     def _observe(self, session: _Session, kind: str, module: str, op: str, name: str, value: Any,
