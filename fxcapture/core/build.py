@@ -174,9 +174,9 @@ class _RegionNames:
         catalogues = []
         for path in self.regions:
             module = self.model.get_submodule(path)
-            leaves = tuple(self.spec.leaf_modules) + tuple(hooked_modules(module))
-            try:
-                result = CaptureTracer(leaves, self.spec.autowrap_functions).trace_model(module)
+            own = self.spec.replace(specialization=(), concrete_args=None)  # the leaf's own arguments
+            try:  # as the whole model is traced: its hooked modules are leaves, attention exposed
+                result = trace_symbolic(module, own, hooked_modules(module))
             except Exception:  # no tracer follows it: its names are known at run time only
                 catalogues.append(None)
                 continue
