@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .frames import is_library_file
+from .frames import is_library_file, is_user_hook
 
 # code objects whose call during a symbolic trace means the graph would differ
 HAZARD_CODES: dict[Any, str] = {
@@ -61,20 +61,6 @@ _GLOBAL_HOOK_DICTS = (
     "_global_backward_hooks",
     "_global_backward_pre_hooks",
 )
-
-
-def _hook_code(hook: Any) -> Any:
-    hook = getattr(hook, "func", hook)  # functools.partial
-    hook = getattr(hook, "__func__", hook)  # a bound method
-    code = getattr(hook, "__code__", None)
-    return code if code is not None else getattr(getattr(hook, "__call__", None), "__code__", None)
-
-
-def is_user_hook(hook: Any) -> bool:
-    """A hook written by the user, not one a library installs for itself (transformers
-    keeps output-capturing hooks on its modules; they act only when it asks them to)."""
-    code = _hook_code(hook)
-    return code is None or not is_library_file(code.co_filename)
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
