@@ -123,6 +123,25 @@ def is_library_file(filename: str) -> bool:
     return path.startswith(_TORCH_DIR) or path.startswith(site_dirs()) or path.startswith(_STDLIB_DIRS)
 
 
+def _hook_code(hook: Any) -> Any:
+    hook = getattr(hook, "func", hook)  # functools.partial
+    hook = getattr(hook, "__func__", hook)  # a bound method
+    code = getattr(hook, "__code__", None)
+    return code if code is not None else getattr(getattr(hook, "__call__", None), "__code__", None)
+
+
+def is_user_hook(hook: Any) -> bool:
+    """A hook written by the user, not one a library installs for itself (transformers
+    keeps output-capturing hooks on its modules; they act only when it asks them to;
+    fxcapture's own live for one call or one trace)."""
+    code = _hook_code(hook)
+    if code is None:
+        return True
+    path = os.path.abspath(code.co_filename)
+    return not is_library_file(path) and not path.startswith(_LIBRARY_DIRS)
+
+
+
 class ProfileScope:
     """Install ``handler`` as the profile function (chained to the previous one) and
     restore the previous one on exit.

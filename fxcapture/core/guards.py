@@ -25,7 +25,7 @@ import torch
 
 from .._util.internals import pytree
 
-from .frames import FrameFilter, ProfileScope
+from .frames import FrameFilter, ProfileScope, is_user_hook
 
 from .pytrees import state_objects
 
@@ -186,7 +186,7 @@ class ModelGuard:
     """What a graph assumed about the model, checked on every call in microseconds.
 
     The graph holds while every module it traced through has the same training flag,
-    the same children, parameters and buffers (the very objects), and the same value
+    the same children, parameters, buffers and user hooks (the very objects), and the same value
     in each attribute (and field of a config object) whose name the model's code read
     while tracing; with ``dtypes``, also the dtype of each module's first parameter or
     buffer (a running trace bakes its casts). The attributes of modules under the
@@ -209,9 +209,8 @@ class ModelGuard:
         self._paths = [p for p, _ in modules]
         self._dicts = [m.__dict__ for _, m in modules]
         self._flags = list(map(_TRAINING, self._dicts))
-        self._holders = [(p, d[k]) for p, d in zip(self._paths, self._dicts)
-                         for k in ("_modules", "_parameters", "_buffers")]  # fmt: skip
-        self._live = [h for _, h in self._holders]
+        self._holders = [(p, k, d[k]) for p, d in zip(self._paths, self._dicts) for k in _HOLDERS]
+        self._live = [h for _, _, h in self._holders]
         self._held = [dict(h) for h in self._live]  # compared with ==: the same objects
         # attributes read while tracing: plain values compared with ==, objects (a
         # config, a list, a tensor, and one-element tensors, whose == is a value) by identity
@@ -222,14 +221,14 @@ class ModelGuard:
         for path, attrs in zip(self._paths, self._dicts):
             if not f"{path}.".startswith(skip):
                 self._add_attrs(path, attrs, read, seen, 2, plain, objects)
-        for path, holder in self._holders:
+        for path, _, holder in self._holders:
             small = tuple(k for k, t in holder.items() if isinstance(t, torch.Tensor) and t.numel() <= 1)
             if small:
                 objects.append((path, holder, small))
         self._plain, self._objects = _Getters(plain), _Getters(objects)
         self._plain_values = self._plain.values()
         self._object_values = self._objects.values()
-        firsts = [next(iter(h.values()), None) for h in self._live[1::3]]  # first parameter
+        firsts = [next(iter(d["_parameters"].values()), None) for d in self._dicts]
         self._tensors = [t for t in firsts if isinstance(t, torch.Tensor)] if dtypes else []
         self._dtypes = list(map(_DTYPE, self._tensors))
 
@@ -263,7 +262,10 @@ class ModelGuard:
                 return True
         except Exception:  # a tensor replaced (its == is elementwise), an attribute deleted
             pass
-        return not self.changes()
+        if self.changes():
+            return False
+        self._held = [dict(h) for h in self._live]  # hooks of fxcapture or a library came or went
+        return True
 
     def changes(self) -> list[str]:
         """What differs from what the graph assumed, one line per change."""
@@ -272,10 +274,16 @@ class ModelGuard:
             for path, attrs, flag in zip(self._paths, self._dicts, self._flags)
             if attrs["training"] is not flag
         ]
-        for (path, holder), before in zip(self._holders, self._held):
+        for (path, kind, holder), before in zip(self._holders, self._held):
             for key in holder.keys() | before.keys():
-                if holder.get(key, _MISSING) is not before.get(key, _MISSING):
-                    what = "added" if key not in before else "removed" if key not in holder else "replaced"
+                now, was = holder.get(key, _MISSING), before.get(key, _MISSING)
+                what = "added" if was is _MISSING else "removed" if now is _MISSING else "replaced"
+                if now is was:
+                    continue
+                if kind in _HOOKS:  # a graph skips hooks of modules it traced through
+                    if is_user_hook(now if was is _MISSING else was):
+                        found.append(f"{path or 'the model'}: {kind[1:-1].replace('_', ' ')} {what}")
+                else:
                     found.append(f"{path}.{key}: {what}".lstrip("."))
         for getters, values, same in ((self._plain, self._plain_values, _equal), (self._objects, self._object_values, operator.is_)):
             for (name, attrs, keys), value in zip(getters.entries, getters.split(values)):
@@ -308,6 +316,8 @@ class _Getters:
 
 
 _MISSING = object()
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_HOLDERS = ("_modules", "_parameters", "_buffers") + _HOOKS
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 

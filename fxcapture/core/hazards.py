@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .frames import is_library_file
 from .._util.internals import MODULE_HOOK_DICTS, grad_mode_codes, tensor_version
+from .frames import is_library_file, is_user_hook
 
 # code objects whose call during a symbolic trace means the graph would differ
 HAZARD_CODES: dict[Any, str] = grad_mode_codes()
@@ -46,20 +46,6 @@ def custom_function(c_function: Any) -> str | None:
     ):
         return f"autograd.Function {owner.__qualname__}.apply (its backward)"
     return None
-
-def _hook_code(hook: Any) -> Any:
-    hook = getattr(hook, "func", hook)  # functools.partial
-    hook = getattr(hook, "__func__", hook)  # a bound method
-    code = getattr(hook, "__code__", None)
-    return code if code is not None else getattr(getattr(hook, "__call__", None), "__code__", None)
-
-
-def is_user_hook(hook: Any) -> bool:
-    """A hook written by the user, not one a library installs for itself (transformers
-    keeps output-capturing hooks on its modules; they act only when it asks them to)."""
-    code = _hook_code(hook)
-    return code is None or not is_library_file(code.co_filename)
-
 
 def user_hooks(module: torch.nn.Module) -> list[str]:
     """The module's forward, pre-forward and backward hooks written by the user, named

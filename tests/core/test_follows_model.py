@@ -186,6 +186,30 @@ def test_a_replaced_head(tracer):
         assert "traced again: the model changed (" in ex.explain() and "fc2: replaced" in ex.explain()
 
 
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_hook_registered_after_capture(tracer):
+    def double(module, args, out):
+        return out * 2
+
+    def hook(model, reference):
+        for m in (model, reference):
+            m.get_submodule("inner.block" if hasattr(m, "inner") else "block").register_forward_hook(double)
+
+    ex = follow(Nested().eval(), ["block", "head"], tracer, hook, float_input)
+    if tracer != "run time":
+        assert "block: forward hook added" in ex.explain()
+
+
 @pytest.mark.parametrize("tracer", TRACERS)
 def test_lora_adapters_injected_after_capture(tracer):
     peft = pytest.importorskip("peft")
