@@ -291,6 +291,43 @@ def _register_output_types(model: torch.nn.Module) -> None:
             return
 
 
+def _state_specs(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    if spec.is_leaf():
+        return []
+    if spec.type in pytree.SUPPORTED_NODES and not issubclass(spec.type, (tuple, list, dict)):
+        return [spec]
+    return [s for child in spec.children() for s in _state_specs(child)]
+
+
+def _changed_ints(before: Any, after: Any, where: str = "") -> list[str]:
+    if type(before) is int and type(after) is int:
+        return [where] if before != after else []
+    if isinstance(before, dict) and isinstance(after, dict):
+        if before.get("_t") in ("tensor", "sym"):  # a leaf's position, not a value of the model's
+            return []
+        return [w for k in before.keys() & after.keys() for w in _changed_ints(before[k], after[k], f"{where}.{k}")]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [w for i, (a, b) in enumerate(zip(before, after)) for w in _changed_ints(a, b, f"{where}[{i}]")]
+    return []
+
+
+def check_state_counters(in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec) -> None:
+    """Refuse a graph that could never hold for the next call: the model changed a Python
+    int of a state object it was given (a sliding-window cache's ``cumulative_length``),
+    which the guards hold constant, so every decoding step would be traced again."""
+    outputs: dict[type, list] = {}
+    for spec in _state_specs(out_spec):
+        outputs.setdefault(spec.type, []).append(spec)
+    for spec in _state_specs(in_spec):
+        pending = outputs.get(spec.type)
+        changed = _changed_ints(spec.context, pending.pop(0).context) if pending else []
+        if changed:
+            raise RuntimeError(
+                f"the model changes the Python int(s) {changed[:3]} of the {spec.type.__name__} it is "
+                "given: a graph would hold for one call only (run-time capture instead)"
+            )
+
+
 def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_inference() else t
 
@@ -326,6 +363,7 @@ def trace_by_running(
             snapshot.restore()  # caches and attributes forward set while exporting
     if state:  # a graph would keep what they held while exporting
         raise PythonState(state)
+    check_state_counters(pytree.tree_structure((tuple(args), dict(kwargs))), exported.call_spec.out_spec)
     unlifted = exported.module()
     graph = unlifted.graph
     points: dict[str, fx.Node] = {}

@@ -209,3 +209,28 @@ def test_static_cache_is_updated_in_place_and_traced_once(monkeypatch):
     for a, b in zip(mine.layers, theirs.layers):
         torch.testing.assert_close(a.keys, b.keys)
         assert int(a.cumulative_length) == int(b.cumulative_length) == ids.shape[1] + 1
+
+
+def test_sliding_window_cache_is_captured_without_a_trace_per_step(monkeypatch):
+    """Mistral's sliding-window layers count tokens in a Python int, which a graph would
+    hold constant: such steps are captured at run time, not traced again at every step."""
+    builds = []
+    build_program = extractor_module.build_program
+    monkeypatch.setattr(extractor_module, "build_program",
+                        lambda *a, **k: builds.append(a[2] is not None) or build_program(*a, **k))  # fmt: skip
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                        sliding_window=8, pad_token_id=1, eos_token_id=1)  # fmt: skip
+    model = transformers.MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    path = "model.layers.0"
+    ex = capture(model, [path])
+    ids = prompt()
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    sequences, feats = run(ex.generate, ids, **kwargs)
+    with hooked(model, [path]) as seen:
+        expected = run(model.generate, ids, **kwargs)
+    assert torch.equal(sequences, expected)
+    for got, want in zip(feats[path], seen[path], strict=True):
+        assert_same(got, want)
+    assert builds.count(True) <= 2, builds
