@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 from contextlib import contextmanager
@@ -28,9 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.modules.module as _module
 import torch.utils._pytree as pytree  # the module export flattens inputs and outputs with (torch 2.14.1)
-from torch.export import _trace as _export_trace
 from torch.fx import _symbolic_trace
-from torch.fx.experimental.dynamic_spec import _resolve_dynamic_shapes
 
 CHECKED_ON = "2.14.1"  # the torch version every assumption below was checked on
 
@@ -104,10 +103,13 @@ def export_quietly(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     The function under that wrapper (its ``__wrapped__``) does the export itself; torch's
     log records still go through its loggers (held by :mod:`.quiet`).
     """
-    inner = getattr(_export_trace._export_for_training, "__wrapped__", None)
+    # loaded on first use, as torch.export.export loads them (they import networkx)
+    trace = importlib.import_module("torch.export._trace")
+    resolve = importlib.import_module("torch.fx.experimental.dynamic_spec")._resolve_dynamic_shapes
+    inner = getattr(trace._export_for_training, "__wrapped__", None)
     if inner is None:
         raise InternalsChanged("torch.export._trace._export_for_training under a logging wrapper (__wrapped__)")
-    return inner(model, args, kwargs, _resolve_dynamic_shapes(model, dynamic_shapes), strict=False)
+    return inner(model, args, kwargs, resolve(model, dynamic_shapes), strict=False)
 
 
 def is_fx_tracing() -> bool:
