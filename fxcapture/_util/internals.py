@@ -30,7 +30,6 @@ import torch.fx as fx
 import torch.nn.modules.module as _module
 import torch.utils._pytree as pytree  # the module export flattens inputs and outputs with (torch 2.14.1)
 from torch.fx import _symbolic_trace
-from torch.fx.experimental.dynamic_spec import _resolve_dynamic_shapes
 
 CHECKED_ON = "2.14.1"  # the torch version every assumption below was checked on
 
@@ -104,13 +103,13 @@ def export_quietly(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     The function under that wrapper (its ``__wrapped__``) does the export itself; torch's
     log records still go through its loggers (held by :mod:`.quiet`).
     """
-    # imported on first use, as torch.export.export does: it loads functorch's partitioners
-    # (and networkx), which `import fxcapture` must not pay for
-    export_trace = importlib.import_module("torch.export._trace")
-    inner = getattr(export_trace._export_for_training, "__wrapped__", None)
+    # loaded on first use, as torch.export.export loads them (they import networkx)
+    trace = importlib.import_module("torch.export._trace")
+    resolve = importlib.import_module("torch.fx.experimental.dynamic_spec")._resolve_dynamic_shapes
+    inner = getattr(trace._export_for_training, "__wrapped__", None)
     if inner is None:
         raise InternalsChanged("torch.export._trace._export_for_training under a logging wrapper (__wrapped__)")
-    return inner(model, args, kwargs, _resolve_dynamic_shapes(model, dynamic_shapes), strict=False)
+    return inner(model, args, kwargs, resolve(model, dynamic_shapes), strict=False)
 
 
 def is_fx_tracing() -> bool:
