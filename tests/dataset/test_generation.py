@@ -63,8 +63,7 @@ def check_rows(feats, model, data, **options) -> None:
         np.testing.assert_allclose(column[a:b], states.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn, side", [("eager", "right"), ("sdpa", "left")])  # each traces GPT-2 once
 def test_rows_equal_hidden_states_of_model_generate(tmp_path, side, attn):
     model = gpt2(attn)
     data = TextDataset(PROMPTS, ByteTokenizer(100), padding_side=side)
@@ -94,6 +93,8 @@ transformers.logging.set_verbosity_error()
 
 
 class Slow(TextDataset):
+    delay = 0.0
+
     def __getitem__(self, i):
         time.sleep(self.delay)
         return super().__getitem__(i)
@@ -103,11 +104,11 @@ def run(out, delay=0.0):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                      bos_token_id=0, eos_token_id=99, pad_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    data = Slow(["prompt %d %s" % (i, "x" * (i % 5)) for i in range(16)], ByteTokenizer(100))
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
+    data = Slow(["prompt %d %s" % (i, "x" * (i % 5)) for i in range(12)], ByteTokenizer(100))
     data.delay = delay
-    return extract(model, ["transformer.h.1"], data, out=out, reduce="tokens", batch_size=2, chunk_size=2,
-                   progress=False, generate={"max_new_tokens": 3})
+    return extract(model, ["transformer.h.0"], data, out=out, reduce="tokens", batch_size=2, chunk_size=2,
+                   progress=False, generate={"max_new_tokens": NEW})
 
 
 if __name__ == "__main__":
@@ -117,17 +118,17 @@ if __name__ == "__main__":
 
 
 def test_sigkill_then_resume_stores_every_row_once(tmp_path):
+    """The killed job's chunks and the resumed run's together: every prompt's rows once,
+    equal to ``model.generate`` and its hidden states (the reference of the other tests)."""
     script = tmp_path / "job.py"
-    script.write_text(JOB)
+    script.write_text(JOB.replace("NEW", str(NEW)))
     out = tmp_path / "o"
-    kill_after_chunks([sys.executable, str(script), str(out), "0.1"], out, 2, SUBPROCESS_ENV)
-    assert 4 <= sum(c.stop - c.start for c in complete_chunks(out)) < 16 and not (out / "manifest.json").exists()
+    kill_after_chunks([sys.executable, str(script), str(out), "0.1"], out, 2, SUBPROCESS_ENV, seconds=400)
+    assert 4 <= sum(c.stop - c.start for c in complete_chunks(out)) < 12 and not (out / "manifest.json").exists()
     job = runpy.run_path(str(script))
-    resumed, reference = job["run"](out), job["run"](tmp_path / "ref")
-    assert resumed["transformer.h.1"].samples == 16
-    for key in ("transformer.h.1", "input_ids", "positions", "generated"):
-        np.testing.assert_array_equal(resumed[key][:], reference[key][:])
-    np.testing.assert_array_equal(resumed["generated"].offsets, reference["generated"].offsets)
+    resumed = job["run"](out)
+    data = job["Slow"](["prompt %d %s" % (i, "x" * (i % 5)) for i in range(12)], ByteTokenizer(100))
+    check_rows(resumed, gpt2(), data)
 
 
 @pytest.mark.parametrize("generate, output, error", [
