@@ -218,7 +218,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="pad text batches on this side (default: the tokenizer's)")
     parser.add_argument("--generate-max-new-tokens", type=positive, default=None, metavar="N",
                         help="complete each text sample with N tokens of the model's greedy generate and "
-                             "store prompt and completion (with --reduce tokens: a 'generated' flag per token)")
+                             "store prompt and completion (with --reduce tokens: a 'generated' flag per token); "
+                             "hf:/hf-config: models are built with their language-modeling head "
+                             "(names such as transformer.h.0)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -244,8 +246,9 @@ def run_cli(args: argparse.Namespace) -> int:
     text = is_text_spec(args.data)
     check_options(args, text)
     device = cli_device(args.device)
-    model = build_model(args.model, args.weights, parse_overrides(args.config_overrides))
-    check_generate(model, cli_generate(args), args.output)
+    generate = cli_generate(args)
+    model = build_model(args.model, args.weights, parse_overrides(args.config_overrides), causal_lm=bool(generate))
+    check_generate(model, generate, args.output)
     if not text:
         check_takes_images(model, args.model, args.image_size)
     dataset = text_dataset(args, model) if text else cli_dataset(args.data, model, args.image_size, args.seed)
