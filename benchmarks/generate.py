@@ -1,10 +1,22 @@
-"""Generation (issue 26): tokens/s of ``ex.generate`` against plain ``model.generate`` and
-``model.generate`` with forward hooks keeping the same values (every block's output at
-every step), greedy, on GPT-2 (random weights): a tiny config and the 124M config.
+"""Generation with capture: ``ex.generate`` vs ``model.generate`` with hooks vs plain ``model.generate``.
 
-The contenders run interleaved (see ``common.py``); ``same values`` says that
-``ex.generate`` gave the sequences of ``model.generate`` and, at every step, the values
-the hooks kept. Goal: ``x plain`` <= 1.05 and faster than hooks.
+GPT-2 (random weights) at a tiny config (2 layers, 64 wide) and the 124M config, greedy
+search of ``--new-tokens`` tokens (``min_new_tokens`` too, so every contender makes the
+same number of steps) after a prompt of ``--prompt`` tokens, capturing every block's
+output at every step. Contenders, timed side by side in interleaved rounds (see
+``common.py``):
+
+- ``plain``: ``model.generate``;
+- ``hooks``: ``model.generate`` of a copy of the model with forward hooks on the blocks
+  keeping every step's outputs (the same values as fxcapture);
+- ``fxcapture``: ``capture(model, blocks).generate``;
+- compiled (static cache): transformers' own compiled generation
+  (``cache_implementation="static"``) and ``ex.generate`` with the same options, when
+  the extractor supports it (otherwise a note says why not).
+
+Tokens/s counts generated tokens (batch x new tokens) per second (median round).
+Targets (issue 26): fxcapture <= 1.05 x plain eager, <= 1.05 x transformers' compiled
+generation compiled, and faster than hooks.
 
 Usage::
 
@@ -20,7 +32,7 @@ import copy
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -41,83 +53,133 @@ from benchmarks.common import (  # noqa: E402
     same_values,
     time_interleaved,
 )
-from fxcapture import capture  # noqa: E402
+from benchmarks.overhead import TINY, gpt2_model  # noqa: E402
 
-HEADERS = ["model", "captured", "method", "median ms", "tokens/s", "x plain", "x hooks", "same values"]
-TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=256)
-TARGET = 1.05  # issue 26: ex.generate / model.generate, eager
-
-
-def cases(quick: bool) -> list[tuple[str, dict, int, int]]:
-    """(size name, config overrides, prompt length, new tokens)."""
-    if quick:
-        return [("tiny", TINY, 8, 8)]
-    return [("tiny", TINY, 16, 64), ("124M", {}, 16, 32)]
+HEADERS = ["model", "mode", "method", "median ms", "best ms", "tokens/s", "x plain", "x hooks", "same values"]
+EAGER = ["plain", "hooks", "fxcapture"]
+COMPILED = ["compiled plain", "compiled fxcapture"]
+TARGET = 1.05  # issue 26: fxcapture / plain generate, eager and compiled
 
 
-def gpt2(sizes: dict) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, logging
+class StepHooks:
+    """Forward hooks on a copy of ``model``'s blocks keeping each step's outputs:
+    ``fn(ids)`` returns ``(sequences, {path: [value of each step]})`` like ``ex.generate``."""
 
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = GPT2Config(**sizes, pad_token_id=0)
-    return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").eval()
+    def __init__(self, model: torch.nn.Module, paths: Sequence[str]) -> None:
+        self.model, self.paths = copy.deepcopy(model), list(paths)
+        self.store: dict[str, list[Any]] = {}
+        for path in self.paths:
+            self.model.get_submodule(path).register_forward_hook(self._hook(path))
 
+    def _hook(self, path: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.store[path].append(output)
 
-class HookedGenerate:
-    """``model.generate`` on a copy of the model whose forward hooks keep every step's values."""
+        return hook
 
-    def __init__(self, model: torch.nn.Module, paths: list[str]) -> None:
-        self.model = copy.deepcopy(model)
-        self.steps: dict[str, list[Any]] = {p: [] for p in paths}
-        for path in paths:
-            self.model.get_submodule(path).register_forward_hook(
-                lambda m, a, out, path=path: self.steps[path].append(out)
-            )
-
-    def __call__(self, ids: torch.Tensor, **kwargs: Any) -> tuple[Any, dict[str, list[Any]]]:
-        self.steps = {p: [] for p in self.steps}
-        return self.model.generate(ids, **kwargs), self.steps
+    def __call__(self, ids: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, list[Any]]]:
+        self.store = {path: [] for path in self.paths}
+        return self.model.generate(ids, **options), self.store
 
 
-def measure(device: torch.device, args: argparse.Namespace) -> Table:
-    table = Table(f"GPT-2 generate, greedy, batch {args.batch_size} ({device.type})", HEADERS)
-    for size, sizes, prompt, new in cases(args.quick):
-        progress(f"gpt2 {size}: prompt {prompt}, {new} new tokens")
-        model = gpt2(sizes).to(device)
-        paths = [f"transformer.h.{i}" for i in range(model.config.n_layer)]
-        ids = torch.randint(1, model.config.vocab_size, (args.batch_size, prompt), device=device)
-        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        ex, hooks = capture(model, paths), HookedGenerate(model, paths)
-        runs = {
-            "plain": lambda: model.generate(ids, **kwargs),
-            "fxcapture": lambda: ex.generate(ids, **kwargs),
-            "hooks": lambda: hooks(ids, **kwargs),
-        }
-        sequences, feats = ex.generate(ids, **kwargs)  # traces the prompt and decoding steps
-        expected, seen = hooks(ids, **kwargs)
-        ok = torch.equal(sequences, expected) and all(same_values(feats[p], seen[p]) for p in paths)
-        timings = time_interleaved(runs, args.rounds, iters=args.iters, device=device)
-        for name in runs:
-            median = timings[name].median
-            table.add(f"gpt2 {size} (prompt {prompt}, +{new})", f"{len(paths)} blocks x {new} steps", name,
-                      fmt_ms(median), f"{args.batch_size * new / median:.0f}",
-                      fmt_ratio(ratio(timings, name, "plain")), fmt_ratio(ratio(timings, name, "hooks")),
-                      ok if name == "fxcapture" else "")  # fmt: skip
-    table.notes.append(f"goal: fxcapture x plain <= {TARGET}, and below hooks (x hooks < 1)")
-    return table
+def compile_config(backend: str) -> Any:
+    """transformers' compiled generation on any device (by default only on accelerators)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=backend, mode=None if backend != "inductor" else "default")
+    config._compile_all_devices = True  # transformers' own switch; CPU runs are not compiled otherwise
+    return config
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cases(quick: bool) -> list[tuple[str, dict]]:
+    return [("tiny", TINY)] if quick else [("tiny", TINY), ("124M", {})]
+
+
+def measure(size: str, sizes: dict, device: torch.device, args: argparse.Namespace, table: Table) -> None:
+    from fxcapture import capture
+
+    model = gpt2_model(sizes, "sdpa").to(device)
+    blocks = [f"transformer.h.{i}" for i in range(model.config.n_layer)]
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt),
+                        generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                   pad_token_id=model.config.eos_token_id)  # fmt: skip
+    name = f"gpt2 {size} (prompt {args.prompt}, {args.new_tokens} new, batch {args.batch_size})"
+    tokens = args.batch_size * args.new_tokens
+    ex, hooks = capture(model, blocks), StepHooks(model, blocks)
+    eager = {"plain": lambda: model.generate(ids, **options), "hooks": lambda: hooks(ids, **options),
+             "fxcapture": lambda: ex.generate(ids, **options)}  # fmt: skip
+    rows = [("eager", eager, EAGER)]
+    static = dict(options, cache_implementation="static", compile_config=compile_config(args.backend))
+    compiled = {"compiled plain": lambda: model.generate(ids, **static),
+                "compiled fxcapture": lambda: ex.generate(ids, **static)}  # fmt: skip
+    if args.compiled:
+        try:
+            progress(f"{name} on {device}: compiled generation (static cache), first call")
+            for fn in compiled.values():
+                fn()
+            rows.append(("compiled (static cache)", compiled, COMPILED))
+        except Exception as err:  # the extractor may not support it yet: say so and go on
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            progress(f"{name}: compiled generation skipped: {reason}")
+            table.notes.append(f"{name}: compiled generation skipped ({type(err).__name__}: {reason})")
+    for mode, contenders, methods in rows:
+        progress(f"{name} on {device}: {mode}, {args.rounds} rounds")
+        seqs, feats = ex.generate(ids, **(static if mode != "eager" else options))
+        reference = {"eager": lambda: hooks(ids, **options)}.get(mode)
+        same = {}
+        if reference is not None:
+            ref_seqs, ref_feats = reference()
+            same["fxcapture"] = torch.equal(seqs, ref_seqs) and all(
+                same_values(ref_feats[k], feats[k]) for k in blocks)
+        plain = contenders[methods[0]]()
+        t = time_interleaved(contenders, args.rounds, iters=args.iters, device=device)
+        for method in methods:
+            sequences = contenders[method]() if method != methods[0] else plain
+            sequences = sequences[0] if isinstance(sequences, tuple) else sequences
+            ok = same.get(method, torch.equal(sequences, plain))
+            vs_hooks = fmt_ratio(ratio(t, method, "hooks")) if "hooks" in contenders else "-"
+            table.add(name, mode, method, fmt_ms(t[method].median), fmt_ms(t[method].best),
+                      f"{tokens / t[method].median:.0f}", fmt_ratio(ratio(t, method, methods[0])), vs_hooks,
+                      "yes" if ok else "NO")  # fmt: skip
+        r = ratio(t, methods[-1], methods[0])
+        table.notes.append(f"{name}, {mode}: fxcapture x plain {r:.3f} (target <= {TARGET}: "
+                           f"{'met' if r <= TARGET else 'not met'})")  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, batch_size=1, rounds=7)
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32, 6 with --quick)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 32, 4 with --quick)")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="skip compiled generation (static cache)")
+    parser.add_argument("--backend", default=None,
+                        help="torch.compile backend of compiled generation (default inductor, eager with --quick)")  # fmt: skip
     args = finish_arguments(parser.parse_args(argv))
-    sections: list[Any] = []
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        for device in devices(args.device):
-            sections += [header_line(args, device), measure(device, args)]
+    args.backend = args.backend or ("eager" if args.quick else "inductor")
+    args.prompt = args.prompt or (6 if args.quick else 32)
+    args.new_tokens = args.new_tokens or (4 if args.quick else 32)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Table]:
+    """Run the benchmark; print (and with ``--save`` write) the tables; return them."""
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", module="transformers")
+    sections: list[str | Table] = []
+    tables: list[Table] = []
+    for device in devices(args.device):
+        table = Table(f"Generation with capture ({device.type})", HEADERS)
+        table.notes.append("x plain / x hooks: median over interleaved rounds of (method / plain generate) and "
+                           "(method / generate with hooks keeping the same values); same values: fxcapture's "
+                           "sequences and per-step values vs the hooks', the others' sequences vs plain")  # fmt: skip
+        for size, sizes in cases(args.quick):
+            measure(size, sizes, device, args, table)
+        tables.append(table)
+        sections += [header_line(args, device), table]
     report("generate", sections, args.save)
+    return tables
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, compiled, extract, overhead, peers
+from benchmarks import common, compiled, extract, generate, overhead, peers
 
 QUICK = ["--quick", "--rounds", "1", "--iters", "1", "--device", "cpu", "--threads", "1"]
 
@@ -123,6 +123,19 @@ def test_compiled_quick():
     assert "hook fired" in " ".join(table.notes)
     assert pruned.headers == compiled.PRUNED_HEADERS
     assert column(pruned, pruned.rows, "same values") == ["yes"] * 4
+
+
+def test_generate_quick(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    table = generate.main(QUICK + ["--save"])[0]
+    assert table.headers == generate.HEADERS
+    methods = column(table, table.rows, "method")
+    assert methods[:3] == generate.EAGER
+    assert methods[3:] in ([], generate.COMPILED)  # compiled generation, or a note saying why not
+    assert len(methods) == 5 or "compiled generation skipped" in " ".join(table.notes)
+    assert column(table, table.rows, "same values") == ["yes"] * len(methods)  # fxcapture = hooks, every step
+    assert all(float(v) > 0 for v in column(table, table.rows, "tokens/s"))
+    assert "gpt2 tiny" in (tmp_path / "generate.md").read_text()
 
 
 def test_peers_quick_without_torchlens():

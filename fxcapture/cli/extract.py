@@ -30,6 +30,7 @@ from torchvision.datasets import ImageFolder
 
 from .._util.atomic import atomic_file
 from ..dataset.files import check_output_folder
+from ..dataset.generation import check_generate
 from ..dataset.reduce import REDUCERS, check_reducer
 from ..dataset.run import extract
 from ..dataset.sources import SyntheticImages
@@ -109,7 +110,8 @@ def check_data_path(spec: str) -> None:
 
 # options that apply to one kind of --data only: given for the other, they would be ignored
 TEXT_OPTIONS = {"text_field": "--text-field", "max_length": "--max-length", "stride": "--stride",
-                "sort_batches": "--sort-batches", "padding_side": "--padding-side"}  # fmt: skip
+                "sort_batches": "--sort-batches", "padding_side": "--padding-side",
+                "generate_max_new_tokens": "--generate-max-new-tokens"}  # fmt: skip
 IMAGE_OPTIONS = {"image_size": "--image-size"}
 
 
@@ -172,6 +174,13 @@ def parse_reduce(values: list[str] | None) -> Any:
     return table
 
 
+def cli_generate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--generate-max-new-tokens N``: the options of ``extract(..., generate=...)`` (greedy)."""
+    if args.generate_max_new_tokens is None:
+        return None
+    return {"max_new_tokens": args.generate_max_new_tokens, "do_sample": False}
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -207,6 +216,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="with --reduce tokens: stop once this many tokens are stored (a rerun continues)")
     parser.add_argument("--padding-side", choices=["left", "right"], default=None,
                         help="pad text batches on this side (default: the tokenizer's)")
+    parser.add_argument("--generate-max-new-tokens", type=positive, default=None, metavar="N",
+                        help="complete each text sample with N tokens of the model's greedy generate and "
+                             "store prompt and completion (with --reduce tokens: a 'generated' flag per token); "
+                             "hf:/hf-config: models are built with their language-modeling head "
+                             "(names such as transformer.h.0)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -232,7 +246,9 @@ def run_cli(args: argparse.Namespace) -> int:
     text = is_text_spec(args.data)
     check_options(args, text)
     device = cli_device(args.device)
-    model = build_model(args.model, args.weights, parse_overrides(args.config_overrides))
+    generate = cli_generate(args)
+    model = build_model(args.model, args.weights, parse_overrides(args.config_overrides), causal_lm=bool(generate))
+    check_generate(model, generate, args.output)
     if not text:
         check_takes_images(model, args.model, args.image_size)
     dataset = text_dataset(args, model) if text else cli_dataset(args.data, model, args.image_size, args.seed)
@@ -283,5 +299,5 @@ def _cli_extract(args: argparse.Namespace, model: torch.nn.Module, dataset: Data
         output=args.output, chunk_size=args.chunk_size, progress=False if args.no_progress else None,
         resume=not args.no_resume, overwrite=args.overwrite, max_tokens=args.max_tokens,
         model_name=args.model + (f" + {args.weights}" if args.weights else ""), data_name=data_name,
-        capture_options={"attention": args.attention} if args.attention else None,
+        capture_options={"attention": args.attention} if args.attention else None, generate=cli_generate(args),
     )  # fmt: skip

@@ -120,18 +120,26 @@ def _transformers() -> Any:
     return transformers
 
 
-def _hf(path: str, overrides: Mapping[str, Any]) -> nn.Module:
+def _auto(causal_lm: bool) -> Any:
+    """The auto class: the base model (hidden states are its outputs), or with its
+    language-modeling head (``generate`` needs the logits)."""
+    transformers = _transformers()
+    return transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+
+
+def _hf(path: str, overrides: Mapping[str, Any], causal_lm: bool = False) -> nn.Module:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"hf:{path}: no config.json in {folder}: give a folder written by model.save_pretrained() "
             "(nothing is downloaded)"
         )
-    return _transformers().AutoModel.from_pretrained(str(folder), local_files_only=True)
+    return _auto(causal_lm).from_pretrained(str(folder), local_files_only=True)
 
 
-def _hf_config(model_type: str, overrides: Mapping[str, Any]) -> nn.Module:
-    """A random-weight ``AutoModel`` (no task head: hidden states are its outputs)."""
+def _hf_config(model_type: str, overrides: Mapping[str, Any], causal_lm: bool = False) -> nn.Module:
+    """A random-weight ``AutoModel`` (no task head: hidden states are its outputs), or
+    ``AutoModelForCausalLM`` with ``causal_lm``."""
     transformers = _transformers()
     known = list(transformers.CONFIG_MAPPING.keys())
     if model_type not in known:
@@ -149,9 +157,10 @@ def _hf_config(model_type: str, overrides: Mapping[str, Any]) -> nn.Module:
     except Exception as err:  # transformers validates fields with its own exception types
         raise ValueError(f"--config-overrides: {model_type} refuses {dict(overrides)} ({_first_line(err)})") from err
     try:
-        return transformers.AutoModel.from_config(config)
+        return _auto(causal_lm).from_config(config)
     except ValueError as err:
-        raise ValueError(f"hf-config:{model_type} has no base model class ({err})") from err
+        what = "causal language model" if causal_lm else "base model"
+        raise ValueError(f"hf-config:{model_type} has no {what} class ({err})") from err
 
 
 def _check_override(model_type: str, key: str, value: Any, default: Any) -> None:
@@ -180,10 +189,11 @@ def _unknown(source: str, name: str, known: list[str]) -> str:
     return f"unknown {source} model {name!r}.{hint}"
 
 
-def build_model(spec: str, weights: str | Path | None = None,
-                config_overrides: Mapping[str, Any] | None = None) -> nn.Module:  # fmt: skip
+def build_model(spec: str, weights: str | Path | None = None, config_overrides: Mapping[str, Any] | None = None,
+                causal_lm: bool = False) -> nn.Module:  # fmt: skip
     """Build ``"source:name"`` (random weights but for ``hf:PATH``), then load ``weights`` if
-    given; ``config_overrides`` change an ``hf-config:`` model's config (``{"n_layer": 2}``)."""
+    given; ``config_overrides`` change an ``hf-config:`` model's config (``{"n_layer": 2}``);
+    ``causal_lm``: a transformers model with its language-modeling head (for ``generate``)."""
     source, sep, name = spec.partition(":")
     if not sep or source not in _SOURCES or not name:
         raise ValueError(
@@ -192,7 +202,10 @@ def build_model(spec: str, weights: str | Path | None = None,
         )
     if config_overrides and source != "hf-config":
         raise ValueError(f"--config-overrides applies to hf-config: models, not {spec!r}")
-    model = _SOURCES[source](name, dict(config_overrides or {}))
+    if causal_lm and source not in ("hf", "hf-config"):
+        raise ValueError(f"generating text needs a transformers language model (hf:PATH or hf-config:TYPE), "
+                         f"not {spec!r}: leave --generate-max-new-tokens out")  # fmt: skip
+    model = _SOURCES[source](name, dict(config_overrides or {}), **({"causal_lm": True} if causal_lm else {}))
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

@@ -18,6 +18,7 @@ import torch
 
 from .._util.tree import tree_map
 from .files import check_space, human_bytes
+from .generation import generated_rows
 from .ragged import Ragged
 from .reduce import OUTPUT_KEY, apply_reducer, resolve_reducers
 from .sources import Batch
@@ -25,7 +26,7 @@ from .transfer import ToHost
 from .writer import ChunkWriter, file_names
 
 CHUNK_BYTES = 16 * 2**20  # default chunk size on disk (and of the writer's buffer)
-TOKEN_KEYS = ("input_ids", "positions")  # stored beside per-token keys
+TOKEN_KEYS = ("input_ids", "positions", "generated")  # stored beside per-token keys
 
 
 def autocast_context(device: torch.device, autocast: Any) -> contextlib.AbstractContextManager:
@@ -41,8 +42,9 @@ def autocast_context(device: torch.device, autocast: Any) -> contextlib.Abstract
 
 def token_columns(kwargs: dict, lengths: torch.Tensor) -> dict[str, Ragged]:
     """``input_ids`` and ``positions`` (0..len-1) of the real tokens of a text batch, as
-    :class:`Ragged` values beside a per-token key; ``{}`` when the batch has no ids or
-    its real tokens are not the ones the key counts."""
+    :class:`Ragged` values beside a per-token key (and ``generated`` for a batch of
+    completions, see :mod:`.generation`); ``{}`` when the batch has no ids or its real
+    tokens are not the ones the key counts."""
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
         return {}
@@ -52,7 +54,8 @@ def token_columns(kwargs: dict, lengths: torch.Tensor) -> dict[str, Ragged]:
     if counts.shape != lengths.shape or not torch.equal(counts.cpu(), lengths.cpu()):
         return {}
     positions = real.long().cumsum(1) - 1
-    return {"input_ids": Ragged(ids[real], counts), "positions": Ragged(positions[real], counts)}
+    columns = {"input_ids": ids, "positions": positions, "generated": kwargs.get("generated")}
+    return {k: Ragged(v[real], counts) for k, v in columns.items() if v is not None}
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Loop:
     tokens_before: int = 0  # tokens already stored (resume of a token budget)
     todo_rows: int | None = None  # rows this run computes, when known (disk check)
     flush_seconds: float = 30.0
+    generate: dict | None = None  # model.generate options: complete each prompt (see .generation)
     rows_done: int = 0
     tokens_done: int = 0
     seconds: float = 0.0
@@ -88,7 +92,10 @@ class Loop:
                     if self.max_tokens is not None and self.tokens_before + self.tokens_done >= self.max_tokens:
                         break
                     args, kwargs = tree_map(self._to_device, (batch.args, batch.kwargs))
-                    out, feats = self.extractor(*args, **kwargs)
+                    if self.generate is None:
+                        out, feats = self.extractor(*args, **kwargs)
+                    else:  # the completed sequences' tokens replace the prompts' ids and mask
+                        feats, kwargs = generated_rows(self.extractor, kwargs, self.generate)
                     if self.output:
                         if OUTPUT_KEY in feats:
                             raise ValueError(

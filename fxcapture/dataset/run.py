@@ -41,6 +41,7 @@ from ..core.select import check_module_paths
 from ..core.spec import as_module
 from .distributed import Group
 from .files import check_output_folder
+from .generation import check_generate
 from .identity import (
     NOT_REPRODUCIBLE,
     data_fingerprint,
@@ -141,6 +142,7 @@ def extract(
     flush_seconds: float = 30.0,
     log_seconds: float = 30.0,
     verify_data: bool = False,
+    generate: Mapping[str, Any] | None = None,
 ) -> Features:
     """Run ``data`` through ``model`` and store the values ``names`` selects under ``out``.
 
@@ -182,6 +184,10 @@ def extract(
         verify_data: recognise a map-style dataset by a hash of every item, not only of
             its length and 8 items spread over it (what a finished or resumed output
             says it compared): costs one read of the whole dataset.
+        generate: options of ``model.generate`` (``max_new_tokens`` required): complete
+            each prompt of a text dataset and store its prompt and completion, with
+            ``reduce="tokens"`` one row per token beside ``input_ids``, ``positions``
+            and ``generated`` (layout: :mod:`fxcapture.dataset.generation`).
 
     Returns:
         ``fxcapture.load(out)``: lazily mapped columns, rows in dataset order.
@@ -197,6 +203,9 @@ def extract(
         ...                 batch_size=128, device="cuda", autocast=True)
         >>> feats["cls"].shape
         (10000, 768)
+        >>> feats = extract(gpt2, ["transformer.h.5"], TextDataset(prompts, tokenizer), out="gen/",
+        ...                 reduce="tokens", generate={"max_new_tokens": 20})
+        >>> feats["generated"][:].ravel()  # per token: False in the prompt, True in the completion
     """
     # cheap checks first: nothing is traced, loaded or hashed before the arguments hold
     model = as_module(model, "extract")
@@ -208,6 +217,7 @@ def extract(
     device = _device(device, model)
     store_dtype = _dtype(dtype)
     autocast_context(device, autocast)  # checks the argument before any work
+    generate = check_generate(model, generate, output)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
     group = Group.from_env(device)
@@ -242,8 +252,10 @@ def extract(
             "rows": source.total,
             "max_tokens": max_tokens,
             "identity": describe(identity),
+            **({"generate": describe(generate)} if generate else {}),
         }
-        extractor = capture(model, names, keep_output=bool(output), **dict(capture_options or {}))
+        # generate reads the logits: the graph keeps the model output
+        extractor = capture(model, names, keep_output=bool(output or generate), **dict(capture_options or {}))
         if extractor.names and not getattr(extractor, "untraced", None):  # all keys known: check now
             resolve_reducers(reduce, [OUTPUT_KEY] * bool(output) + extractor.names, extractor.catalogue)
         # rank 0 locks and prepares the folder first; the others check it once it is ready
@@ -260,7 +272,7 @@ def extract(
             return load(out)
         run, total = _run(model, extractor, out, device, group, source, data, dict(
             reduce=reduce, output=bool(output), dtype=store_dtype, autocast=autocast, chunk_size=chunk_size,
-            max_pending=max_pending, max_tokens=max_tokens, flush_seconds=flush_seconds),
+            max_pending=max_pending, max_tokens=max_tokens, flush_seconds=flush_seconds, generate=generate),
             inputs, progress, log_seconds, _recognised(data_identity))  # fmt: skip
         group.barrier()
         if group.primary:

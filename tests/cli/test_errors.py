@@ -113,3 +113,21 @@ def test_an_os_error_is_a_sentence_not_an_errno(capsys, monkeypatch):
     assert one_line_error(capsys, ["names", "demo:vit"]) == (
         "fxcapture names: error: /data/x.pt: no such file or directory"
     )
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "demo:vit", "--data", "synthetic:2"], "--generate-max-new-tokens applies to text data"),
+    (["--model", "torchvision:resnet18", "--data", "synthetic-text:2"], "needs a transformers language model"),
+])  # fmt: skip
+def test_generate_on_image_data_or_a_model_without_generate(tmp_path, capsys, no_trace, argv, message):
+    line = one_line_error(capsys, ["extract", *argv, "--names", "layer1", "--generate-max-new-tokens", "3",
+                                   "--out", str(tmp_path / "o")])  # fmt: skip
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_max_new_tokens_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["extract", "--model", "hf-config:gpt2", "--names", "h.0", "--data", "synthetic-text:2",
+                  "--generate-max-new-tokens", "0", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert stop.value.code == 2 and "--generate-max-new-tokens: must be a positive number, got 0" in capsys.readouterr().err

@@ -252,3 +252,28 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, capsys, workers):
     err = errors_of(capsys, "--model", "demo:vit", "--names", "blocks.0", "--data", str(tmp_path / "imgs"),
                     "--num-workers", workers, "--out", str(tmp_path / "o"))  # fmt: skip
     assert f"cannot read image {tmp_path / 'imgs' / 'a' / 'bad.png'}" in err and "remove or replace the file" in err
+
+
+def test_generate_max_new_tokens_stores_prompt_and_greedy_completion(tmp_path, capsys):
+    docs = ["one prompt", "two", "three words here"]
+    (tmp_path / "p.txt").write_text("\n".join(docs), encoding="utf-8")
+    overrides = GPT2.replace("eos_token_id=2", "eos_token_id=99")  # no early end: every completion has 3 tokens
+    argv = ["--model", "hf-config:gpt2", "--config-overrides", overrides, "--names", "transformer.h.0",
+            "--reduce", "tokens", "--data", str(tmp_path / "p.txt"), "--batch-size", "2",
+            "--generate-max-new-tokens", "3", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert run_cli(*argv) == 0, capsys.readouterr().err
+    feats = fxcapture.load(tmp_path / "o")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=2, vocab_size=100,
+                                               n_positions=64, bos_token_id=1, eos_token_id=99)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    offsets = feats["generated"].offsets
+    for i, doc in enumerate(docs):
+        prompt = torch.tensor([byte_ids(doc)])
+        with torch.no_grad():
+            seq = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+            states = model(seq, output_hidden_states=True).hidden_states[1][0]
+        rows = slice(offsets[i], offsets[i + 1])
+        assert feats["input_ids"][rows].ravel().tolist() == seq[0].tolist()
+        assert feats["generated"][rows].ravel().tolist() == [False] * prompt.shape[1] + [True] * 3
+        np.testing.assert_allclose(feats["transformer.h.0"][rows], states.numpy(), rtol=1e-4, atol=1e-5)
