@@ -126,6 +126,7 @@ def key_observations(
     by_base: dict[str, list[Observation]] = defaultdict(list)
     first_seen: dict[tuple, str] = {}  # (name, ids of its parts) -> base where created
     alias_bases: dict[str, str] = {}
+    kept: list[Observation] = []
     for obs in observations:
         if obs.kind == LOCAL:
             identity = (obs.name, tuple(id(p) for p in parts(obs.value)))
@@ -136,11 +137,13 @@ def key_observations(
                 continue
             first_seen[identity] = obs.base
         by_base[obs.base].append(obs)
-    records = []
-    for base, seen in by_base.items():
-        for i, obs in enumerate(seen):
-            key, call = (base, None) if len(seen) == 1 else (f"{base}@{i}", i)
-            records.append(NameInfo(key, obs.kind, obs.module, obs.op, base, call, obs.value, obs.position))
+        kept.append(obs)
+    records, calls = [], defaultdict(int)
+    for obs in kept:  # in observation order: values of one op stay in the order seen
+        i, n = calls[obs.base], len(by_base[obs.base])
+        calls[obs.base] += 1
+        key, call = (obs.base, None) if n == 1 else (f"{obs.base}@{i}", i)
+        records.append(NameInfo(key, obs.kind, obs.module, obs.op, obs.base, call, obs.value, obs.position))
     records.sort(key=execution_order)
     aliases = {alias: origin for alias, origin in alias_bases.items() if alias not in by_base}
     return records, aliases
