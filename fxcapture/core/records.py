@@ -126,6 +126,7 @@ def key_observations(
     by_base: dict[str, list[Observation]] = defaultdict(list)
     first_seen: dict[tuple, str] = {}  # (name, ids of its parts) -> base where created
     alias_bases: dict[str, str] = {}
+    kept: list[Observation] = []
     for obs in observations:
         if obs.kind == LOCAL:
             identity = (obs.name, tuple(id(p) for p in parts(obs.value)))
@@ -136,17 +137,27 @@ def key_observations(
                 continue
             first_seen[identity] = obs.base
         by_base[obs.base].append(obs)
-    records = []
-    for base, seen in by_base.items():
-        for i, obs in enumerate(seen):
-            key, call = (base, None) if len(seen) == 1 else (f"{base}@{i}", i)
-            records.append(NameInfo(key, obs.kind, obs.module, obs.op, base, call, obs.value, obs.position))
-    records.sort(key=lambda r: (r.order, _KIND_RANK[r.kind]))
+        kept.append(obs)
+    records, calls = [], defaultdict(int)
+    for obs in kept:  # in observation order: values of one op stay in the order seen
+        i, n = calls[obs.base], len(by_base[obs.base])
+        calls[obs.base] += 1
+        key, call = (obs.base, None) if n == 1 else (f"{obs.base}@{i}", i)
+        records.append(NameInfo(key, obs.kind, obs.module, obs.op, obs.base, call, obs.value, obs.position))
+    records.sort(key=execution_order)
     aliases = {alias: origin for alias, origin in alias_bases.items() if alias not in by_base}
     return records, aliases
 
 
 _KIND_RANK = {LOCAL: 0, MODULE: 1, NODE: 2}
+
+
+def execution_order(record: NameInfo) -> tuple:
+    """Sort key of records in execution order. Values made by the same op come inner
+    frame first: a module's own locals, then its output, then the locals of the modules
+    that called it (which see the output only once it returned); graph nodes last."""
+    depth = record.module.count(".") + 1 if record.module else 0
+    return record.order, record.kind == NODE, -depth, _KIND_RANK[record.kind]
 
 
 def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
@@ -158,13 +169,15 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
         Observation(MODULE, path, type(modules[path]).__name__ if path in modules else "Module", "", value)
         for path, value in result.module_calls
     ]
+    order = {node: i for i, node in enumerate(result.graph.nodes)}
+    for obs in observations:
+        obs.position = _position(obs.value, order)
     for rec in result.locals:
+        position = _position(rec.value, order)  # where it was made, as run time orders it
         if rec.returned_after is not None:  # in-place writes before the return count
             rec.value = map_nodes(lambda v: value_at(v, rec.returned_after, aliasing), rec.value)
-        observations.append(Observation(LOCAL, rec.module, rec.function, rec.name, rec.value))
-    order = {node: i for i, node in enumerate(result.graph.nodes)}  # with value_at's reads
-    for obs in observations:
-        obs.position = max((order.get(n, -1) for n in nodes(obs.value)), default=-1)
+        observations.append(Observation(LOCAL, rec.module, rec.function, rec.name, rec.value, position))
+    order.update((node, i) for i, node in enumerate(result.graph.nodes))  # with value_at's reads
     records, aliases = key_observations(observations, nodes)
     for node in result.graph.nodes:
         if node.op == "output" or node.meta.get("fxcapture_read"):
@@ -175,8 +188,12 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
         module = node.meta.get("fxcapture_module", "")
         records.append(NameInfo(f"%{node.name}", NODE, module, f"{node.op} {target}", f"%{node.name}",
                                 None, node, order[node]))  # fmt: skip
-    records.sort(key=lambda r: (r.order, _KIND_RANK[r.kind]))
+    records.sort(key=execution_order)
     return Catalogue(records, aliases)
+
+
+def _position(value: Any, order: dict) -> int:
+    return max((order.get(n, -1) for n in nodes(value)), default=-1)
 
 
 def nested(catalogue: Catalogue, path: str) -> Catalogue:

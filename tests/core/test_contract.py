@@ -5,6 +5,8 @@ forward hooks and by the model's forward written out."""
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
 from pathlib import Path
 
@@ -12,10 +14,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import detached_copy
+from conftest import assert_matches_hooks, assert_same, detached_copy, hooked
 from fxcapture import capture
+from fxcapture.core.spec import TraceFailure
 
 sys.path.append(str(Path(__file__).parents[1] / "zoo"))
+
+
+def _zoo_requested(config: pytest.Config) -> bool:
+    return os.environ.get("FXCAPTURE_ZOO") == "1" or "zoo" in (config.option.markexpr or "")
 
 
 def scaled(x):  # a helper: its locals belong to the calling module
@@ -100,47 +107,128 @@ def test_toy_model_same_keys_order_values_under_every_fallback(fallback):
     assert ex.names == list(ref)
 
 
-def _hf_features(name: str, fallback: str, inputs: dict):
-    from hf_models import build_hf
+# -- the toy models of the project's tests ----------------------------------------------
+FALLBACKS = ("never", "auto", "always")
+CALLS = 3
+# toy -> why the tracers still disagree (strict: the day it passes, the entry goes)
+TOY_GAPS = {
+    "InplaceModules": "run time orders a local that an in-place leaf module wrote (`shifted`) "
+                      "after the module; the graph keeps the op that made it first",
+    "PackedLSTM": "run time orders locals unpacked from a leaf module's tuple output by the "
+                  "tick of their tensors, the graph after the module (getitem nodes)",
+    "SelfAttention": "run time captures no `attn_probs_mean` (the graph's attention pass adds it)",
+    "UnusedBranch": "the graph tracers drop dead locals (`orphan`), run time keeps them",
+}
 
-    model, _ = build_hf(name)
-    ex = capture(model, ["transformer.h.*", "transformer.h.*.attn:attn_weights", "transformer.ln_f"],
-                 fallback=fallback, example_inputs=inputs)  # fmt: skip
+
+def _toy_params():
+    from toy_models import TOYS
+
+    return [pytest.param(name, marks=[pytest.mark.xfail(reason=TOY_GAPS[name], strict=True)] if name in TOY_GAPS else [])
+            for name in sorted(TOYS)]  # fmt: skip
+
+
+def _run_toy(name: str, fallback: str, model: nn.Module) -> tuple[str, list]:
+    """Three calls, the same seed per call; ``fallback="never"`` traces symbolically, or by
+    running the example inputs where torch.fx cannot follow the model."""
+    from toy_models import module_paths, sample
+
+    selectors = module_paths(model, sample(name, 0)) + ["**:*"]  # every module and every local
+    try:
+        ex = capture(model, selectors, fallback=fallback)
+    except TraceFailure:
+        ex = capture(model, selectors, fallback=fallback, example_inputs=sample(name, 0))
     runs = []
-    with torch.no_grad():
-        for batch in (inputs, {"input_ids": inputs["input_ids"][:1, :5]}):
-            out, feats = ex(**batch)
-            seen = {}  # the reference: forward hooks, and the model's own attention maps
-            handles = [model.get_submodule(k).register_forward_hook(
-                lambda m, i, o, k=k: seen.setdefault(k, detached_copy(o))) for k in feats if ":" not in k]  # fmt: skip
-            ref = model(**batch, output_attentions=True)
-            for h in handles:
-                h.remove()
-            attentions = [v for k, v in feats.items() if ":" in k]
-            assert len(attentions) == len(ref.attentions)
-            for got, expected in zip(attentions, ref.attentions):
-                torch.testing.assert_close(got, expected)
-            for key, value in seen.items():
-                for g, r in zip(torch.utils._pytree.tree_leaves(feats[key]), torch.utils._pytree.tree_leaves(value)):
-                    torch.testing.assert_close(g, r, msg=f"{fallback} {key}")
-            runs.append((out, feats))
+    for i in range(CALLS):
+        torch.manual_seed(100 + i)
+        args = sample(name, i)
+        torch.manual_seed(100 + i)
+        runs.append(ex(*args))
     return ex.tracer, runs
 
 
-def test_transformers_same_keys_order_values_under_every_fallback():
+@pytest.mark.parametrize("name", _toy_params())
+def test_toy_zoo_same_keys_order_values_under_every_fallback(name):
+    """Every module output and every local of each toy (training mode, three calls): the
+    same keys in the same order under each fallback, module outputs equal to forward
+    hooks on an eager copy, locals equal across tracers."""
+    from toy_models import TOYS, module_paths, sample
+
+    torch.manual_seed(0)
+    model = TOYS[name][0]().train()
+    reference = copy.deepcopy(model)
+    paths = module_paths(model, sample(name, 0))
+    results = {}
+    for fallback in FALLBACKS:
+        try:
+            results[fallback] = _run_toy(name, fallback, copy.deepcopy(model))
+        except TraceFailure:  # data-dependent control flow: no graph can hold it
+            assert fallback == "never", fallback
+    assert "auto" in results and "always" in results
+    for i in range(CALLS):
+        torch.manual_seed(100 + i)
+        args = sample(name, i)
+        torch.manual_seed(100 + i)
+        with hooked(reference, paths) as seen:
+            ref_out = reference(*args)
+        expected = results["always"][1][i][1]
+        for fallback, (tracer, runs) in results.items():
+            out, feats = runs[i]
+            assert_same(out, ref_out, exact=False, path=f"{fallback} output")
+            assert list(feats) == list(expected), f"{fallback} ({tracer}) call {i}"
+            assert_matches_hooks(feats, {p: calls for p, calls in seen.items() if calls}, exact=False)
+            for key in expected:
+                assert_same(feats[key], expected[key], exact=False, path=f"{fallback} {key}")
+
+
+# -- the transformers zoo -----------------------------------------------------------------
+def _zoo_params():
+    from hf_models import CI_HF, CONFIGS
+
+    return [pytest.param(name, marks=[] if name in CI_HF else [pytest.mark.zoo]) for name in CONFIGS]
+
+
+def _hf_run(model, fallback: str, selectors: list[str], batches: list[dict]) -> tuple[str, list]:
+    ex = capture(model, selectors, fallback=fallback, example_inputs=batches[0])
+    with torch.no_grad():
+        return ex.tracer, [ex(**batch) for batch in batches]
+
+
+@pytest.mark.parametrize("name", _zoo_params())
+def test_transformers_same_keys_order_values_under_every_fallback(name, request):
+    """Every child module, a sample of deeper modules and the attention maps (eager) or
+    outputs (sdpa): ``"never"`` and ``"auto"`` trace by running the example inputs,
+    ``"always"`` captures at run time; keys, order and values agree, module outputs equal
+    forward hooks and attention maps the model's own ``output_attentions=True``."""
     pytest.importorskip("transformers")
-    inputs = {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))}
-    results = {f: _hf_features("gpt2:eager", f, inputs) for f in ("never", "auto", "always")}
-    assert results["never"][0] == results["auto"][0] == "running" and results["always"][0] == "run time"
-    (_, reference) = results["auto"]
-    for fallback, (_, runs) in results.items():
-        for (out, feats), (ref_out, ref_feats) in zip(runs, reference):
-            assert torch.equal(out.logits, ref_out.logits)
-            assert list(feats) == list(ref_feats), fallback
-            for key in ref_feats:
-                for g, r in zip(torch.utils._pytree.tree_leaves(feats[key]),
-                                torch.utils._pytree.tree_leaves(ref_feats[key])):  # fmt: skip
-                    torch.testing.assert_close(g, r, msg=f"{fallback} {key}")
+    if request.node.get_closest_marker("zoo") and not _zoo_requested(request.config):
+        pytest.skip("the full transformers zoo: run with -m zoo or FXCAPTURE_ZOO=1")
+    from hf_models import _attention_keys, build_hf, module_plan, reference_attentions
+
+    model, inputs = build_hf(name)
+    batches = [inputs(2, 7, 0), inputs(1, 5, 1), inputs(3, 9, 2)]
+    paths = module_plan(model, batches[0])
+    local = "attn_output" if name.endswith(":sdpa") else "attn_weights"
+    results = {f: _hf_run(model, f, [local] + paths, batches) for f in FALLBACKS}
+    assert results["never"][0] == results["auto"][0] == "running", {f: r[0] for f, r in results.items()}
+    assert results["always"][0] == "run time"
+    for step, batch in enumerate(batches):
+        with torch.no_grad(), hooked(model, paths) as seen:
+            ref_out = model(**batch)
+        expected = results["never"][1][step][1]
+        for fallback, (_, runs) in results.items():
+            out, feats = runs[step]
+            assert_same(out, ref_out, path=f"{fallback} output")
+            assert list(feats) == list(expected), fallback
+            assert_matches_hooks(feats, seen, exact=False)
+            for key in expected:
+                assert_same(feats[key], expected[key], exact=False, path=f"{fallback} {key}")
+            if local == "attn_weights":
+                keys = _attention_keys(list(feats), local)
+                attentions = reference_attentions(model, batch)
+                assert len(keys) == len(attentions) and keys, fallback
+                for key, ref in zip(keys, attentions):
+                    torch.testing.assert_close(feats[key], ref, msg=f"{fallback} {key}")
 
 
 def _resnet():
