@@ -275,7 +275,8 @@ def choose_trace(
         except Exception:  # the policy below decides, and says why
             pass
         else:
-            why = f"{type(model).__name__} is a transformers model: traced by running"
+            why = (f"the model: {type(model).__name__} is a transformers model, whose forward (wrapped by "
+                   "decorators, reading its config, caches and masks) fx cannot follow; fx is not tried")
             return Trace(running, build_catalogue(running, model), {}, RUNNING, guard, [why])
     attempt, result, error = attempt_symbolic(model, spec, example is not None)
     decision, guard = decide(attempt), None

@@ -113,20 +113,29 @@ def tracer_line(tracer: str, notes: list[str]) -> str:
         'tracer: running (fx cannot trace this model: its forward branches (an `if` or a loop) on a tensor
         (TraceError: ...); torch.export traced it by running it on the first call's inputs)'
     """
-    if not notes:
+    parts = [part for note in notes for part in note.split("; ") if part]
+    if not parts:
         return f"tracer: {tracer}"
-    reasons = []
-    for note in notes:
-        where, _, why = note.partition(": ")
-        if where == "the model":
-            reasons.append(f"fx cannot trace this model: {plain_reason(why)}")
-        elif where == "torch.export":
-            reasons.append(f"torch.export cannot trace it either: {plain_reason(why)}")
-        elif why and " " not in where:  # a module path
-            reasons.append(f"fx cannot trace {where!r}: {plain_reason(why)}")
-        else:  # a hazard: what fx would get wrong
-            reasons.append(f"a graph from fx would differ from the model ({note})")
-    return f"tracer: {tracer} ({'; '.join(reasons + [HOW.get(tracer, tracer)])})"
+    if parts == [EXACT]:
+        return f"tracer: {tracer} ({EXACT})"
+    return f"tracer: {tracer} ({'; '.join([_reason(part) for part in parts] + [HOW.get(tracer, tracer)])})"
+
+
+EXACT = "torch.fx traces it exactly"  # the policy's reason when nothing needs saying
+
+
+def _reason(part: str) -> str:
+    """One of the policy's reasons (``"where: why"``, a hazard, the eager leaves) in words."""
+    where, _, why = part.partition(": ")
+    if where == "the model":
+        return f"fx cannot trace this model: {plain_reason(why)}"
+    if where == "torch.export":
+        return f"torch.export cannot trace it either: {plain_reason(why)}"
+    if why and " " not in where:  # a module path
+        return f"fx cannot trace {where!r}: {plain_reason(why)}"
+    if part.startswith((EXACT, "eager leaves", "fallback=", "global module hooks")) or "runs it" in part:
+        return part  # already says what runs how
+    return f"a graph from fx would differ from the model ({part})"  # a hazard: what fx would get wrong
 
 
 class Extractor(torch.nn.Module):
