@@ -116,7 +116,8 @@ class Monitor:
         grouped: dict[str, list[tuple[str, str]]] = {}
         for spec in self.layers:
             keys = [k for k in extractor.names if k.partition("@")[0] == spec.internal]
-            canonical = [r.key for r in match(extractor.catalogue, spec.layer)]
+            catalogue = extractor.catalogue  # None: captured at run time, keys known per call
+            canonical = [r.key for r in match(catalogue, spec.layer)] if catalogue is not None else keys
             if len(canonical) != len(keys):  # cannot happen unless resolve changes
                 canonical = keys
             grouped[spec.internal] = list(zip(keys, canonical))
