@@ -43,6 +43,11 @@ NOT_AT_IMPORT = {"networkx", "matplotlib", "tqdm", "transformers", "timm", "pyar
 
 MAX_LINES = 450
 
+# Imports inside functions on purpose: the package's public names resolve on first use,
+# and the command line's entry point imports the parser (and so torch) inside its
+# Ctrl-C handler.
+LAZY = {"fxcapture", "fxcapture.cli"}
+
 
 @dataclass(frozen=True)
 class Import:
@@ -218,7 +223,7 @@ def test_imports_inside_functions_are_optional_dependencies_only(graph):
     wrong = [
         f"{where(i)}: import of {i.target} inside a function"
         for i in graph
-        if i.in_function and i.target.split(".")[0] not in OPTIONAL
+        if i.in_function and i.target.split(".")[0] not in OPTIONAL and i.source not in LAZY
     ]
     assert not wrong, f"move these to the top of the module (allowed inside: {sorted(OPTIONAL)}):\n" + "\n".join(wrong)
 
@@ -243,7 +248,8 @@ LOADED = "import sys, json; print(json.dumps(sorted({m.split('.')[0] for m in sy
 
 def test_import_fxcapture_loads_no_optional_dependency():
     baseline = python("import torch, torchvision\n" + LOADED)
-    loaded = python("import fxcapture\n" + LOADED)
+    # every public name resolved: the package's own imports are lazy (PEP 562)
+    loaded = python("import fxcapture\n[getattr(fxcapture, n) for n in fxcapture.__all__]\n" + LOADED)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     added = set(json.loads(loaded.stdout)) - set(json.loads(baseline.stdout))
@@ -270,7 +276,7 @@ def test_python_m_fxcapture_help_and_every_public_name_imports():
     assert int(count) >= 10 and missing.strip() == "[]"
 
 
-COMMANDS = sorted(p.stem for p in (PACKAGE / "cli").glob("*.py") if p.stem not in ("__init__", "models"))
+COMMANDS = sorted(p.stem for p in (PACKAGE / "cli").glob("*.py") if p.stem not in ("__init__", "app", "models"))
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -4,6 +4,9 @@ before the model is traced (the trace is replaced by a failure to show it never 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from fxcapture import cli
@@ -103,6 +106,25 @@ def test_any_other_error_is_one_line_and_ctrl_c_is_130(capsys, monkeypatch):
     assert cli.main(["attention", "demo:vit"]) == 130
     err = capsys.readouterr().err
     assert err == "fxcapture attention: interrupted\n"
+
+
+# what the `fxcapture` console script runs, with Ctrl-C pressed while torch is imported
+CTRL_C_DURING_IMPORT = """
+import sys
+class CtrlCOnTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlCOnTorch())
+from fxcapture.cli import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_is_130_without_a_traceback():
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORT, "demo"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert (done.returncode, done.stderr) == (130, "fxcapture: interrupted\n")
 
 
 def test_an_os_error_is_a_sentence_not_an_errno(capsys, monkeypatch):
