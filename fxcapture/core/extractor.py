@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -161,6 +161,7 @@ class Extractor(torch.nn.Module):
         self._programs: dict[tuple[bool, tuple], list[Program | None]] = {}
         self._running: dict[bool, list[Program]] = {True: [], False: []}  # newest first
         self._build_lock = threading.RLock()
+        self._compiled: dict[str, Callable] = {}  # compiled_call's, newest first
         self._program = self._program_for(model.training, ())  # the latest one used
         if self._program is None and example_inputs is not None:
             self._program = self._running_program(*as_call(example_inputs))
@@ -211,8 +212,8 @@ class Extractor(torch.nn.Module):
         """Trace the model as it is now, and guard what the trace read of it. ``stale``:
         programs of this pattern that the model no longer matches (said in ``explain()``)."""
         model = self._model
-        with CodeObserver() as seen:
-            program = build_program(model, self._spec.replace(specialization=specialization), example)
+        seen = CodeObserver()
+        program = build_program(model, self._spec.replace(specialization=specialization), example, seen)
         if program is None:
             return None
         # what a graph assumed about the model; run-time capture: which modules it hooks
@@ -258,6 +259,41 @@ class Extractor(torch.nn.Module):
             raise
         return self
 
+    def _select(self, program: Program | None, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict]:
+        """The program for this call (traced now if none holds), and the arguments as it takes them."""
+        if program is None or program.guard is not None:  # traced by running, per guard set
+            program = self._running_program(args, kwargs)
+        elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
+            # optional arguments given: the graph traced for this call pattern
+            specialization, positional = self._specialization(args, kwargs)
+            program = self._program_for(self._model.training, specialization)
+            if program is None:
+                program = self._running_program(args, kwargs)
+            elif program.tracer == "symbolic":  # fx's forward takes every argument by position
+                args, kwargs = tuple(positional), {}
+        return program, args, kwargs
+
+    def prepare(self, *args: Any, **kwargs: Any) -> "Extractor":
+        """Trace now, without running, whatever a call with these inputs would trace: a
+        compiled caller then finds its graph (torch.compile cannot trace by running).
+
+        Example::
+
+            >>> compiled = torch.compile(ex.prepare(next_id, cache=cache, use_cache=True))
+        """
+        self._select(self._program_for(self._model.training, ()), args, kwargs)
+        return self
+
+    def compiled_call(self, **compile_options: Any) -> Callable[..., tuple[Any, dict[str, Any]]]:
+        """``torch.compile(self.__call__, **compile_options)``, kept on the extractor (the
+        latest two option sets), so that every ``generate`` with transformers' compiled
+        decoding reuses its graphs."""
+        key = repr(sorted(compile_options.items()))
+        with self._build_lock:
+            compiled = self._compiled.pop(key, None) or torch.compile(self.__call__, **compile_options)
+            self._compiled = {key: compiled, **dict(list(self._compiled.items())[:1])}
+        return compiled
+
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         model = self._model
         program = self._program_for(model.training, ())  # the model's mode now
@@ -266,16 +302,7 @@ class Extractor(torch.nn.Module):
         root_hooks = program is not None and program.tracer == "symbolic"
         if root_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
-        if program is None or program.guard is not None:  # traced by running, per guard set
-            program = self._running_program(args, kwargs)
-        elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
-            # optional arguments given: the graph traced for this call pattern
-            specialization, positional = self._specialization(args, kwargs)
-            program = self._program_for(model.training, specialization)
-            if program is None:
-                program = self._running_program(args, kwargs)
-            elif program.tracer == "symbolic":  # fx's forward takes every argument by position
-                args, kwargs = tuple(positional), {}
+        program, args, kwargs = self._select(program, args, kwargs)
         if program is not self._program:  # what names, explain() and graph show
             self._program = program
         runtime = program.runtime
@@ -397,6 +424,7 @@ class Extractor(torch.nn.Module):
         state = self.__dict__.copy()
         state["_programs"] = {}
         state["_running"] = {True: [], False: []}
+        state["_compiled"] = {}
         for key in ("_program", "_build_lock"):
             state.pop(key, None)
         return state

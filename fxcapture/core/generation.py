@@ -135,7 +135,24 @@ def generate(model: torch.nn.Module, step: Callable[..., tuple[Any, dict]], *arg
         steps.append(feats)
         return out
 
-    result = _view(model, forward).generate(*args, **generate_kwargs)
+    def get_compiled_call(compile_config: Any) -> Callable[..., Any]:
+        """transformers' compiled decoding steps (``compile_config``, a static cache): the
+        extractor compiled once for every generate, its graph traced before compiling."""
+        options = (compile_config or view._default_compile_config()).to_dict()
+        compiled = step.compiled_call(**options)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            step.prepare(*args, **kwargs)
+            out, feats = compiled(*args, **kwargs)
+            steps.append(feats)
+            return out
+
+        return call
+
+    view = _view(model, forward)
+    if hasattr(step, "compiled_call"):
+        view.__dict__["get_compiled_call"] = get_compiled_call
+    result = view.generate(*args, **generate_kwargs)
     config = getattr(model, "generation_config", None)
     beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
     return result, GeneratedFeatures(steps, _prompt_length(model, args, generate_kwargs), beams)

@@ -27,7 +27,19 @@ MODELS = {
                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                                        bos_token_id=0, eos_token_id=1, pad_token_id=1),
               "model.layers.0", "model.layers.1.mlp"),
+    "qwen2": (transformers.Qwen2ForCausalLM,
+              transformers.Qwen2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1),
+              "model.layers.0", "model.layers.1.mlp"),
+    "t5": (transformers.T5ForConditionalGeneration,
+           transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+           "decoder.block.0", "decoder.block.1.layer.2"),
 }  # fmt: skip
+DECODER_ONLY = ("gpt2", "llama")  # the whole decoding matrix
+# the other families: each attention and decoding once (a T5 step traces for seconds)
+MORE_CASES = [("qwen2", "sdpa", "greedy"), ("qwen2", "eager", "beams"), ("t5", "eager", "greedy"), ("t5", "sdpa", "beams")]
 DECODINGS = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, top_k=20, temperature=0.7),
@@ -56,9 +68,9 @@ def first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-@pytest.mark.parametrize("decoding", sorted(DECODINGS))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize(("family", "attn", "decoding"), [
+    (family, attn, decoding) for family in DECODER_ONLY for attn in ("eager", "sdpa") for decoding in sorted(DECODINGS)
+] + MORE_CASES)  # fmt: skip
 def test_generate_equals_model_generate_with_hooks(family, attn, decoding):
     model = build(family, attn)
     paths = list(MODELS[family][2:])
@@ -76,15 +88,16 @@ def test_generate_equals_model_generate_with_hooks(family, attn, decoding):
                 assert_same(got, want, path=f"{path} step {step}")
         assert ex.tracer == "running" and ex.explain().startswith("tracer: running"), ex.explain()
     if decoding != "beams":  # rows are sequences: one (batch, prompt + new - 1, hidden) tensor
-        aligned = feats.aligned(paths[0])
-        assert aligned.shape[:2] == (2, ids.shape[1] + 8 - 1)
-        assert torch.equal(aligned, torch.cat([first(v) for v in seen[paths[0]]], dim=1))
+        aligned = feats.aligned(paths[-1])  # an MLP's output: a tensor with a sequence dimension
+        prompt_length = 1 if model.config.is_encoder_decoder else ids.shape[1]  # the decoder's start token
+        assert aligned.shape[:2] == (2, prompt_length + 8 - 1)
+        assert torch.equal(aligned, torch.cat(seen[paths[-1]], dim=1))
     else:
         with pytest.raises(ValueError, match="beam"):
-            feats.aligned(paths[0])
+            feats.aligned(paths[-1])
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_twenty_decoding_steps_trace_once(family, monkeypatch):
     builds = []
     build_program = extractor_module.build_program
@@ -100,10 +113,12 @@ def test_twenty_decoding_steps_trace_once(family, monkeypatch):
     sequences, feats = run(ex.generate, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(sequences, run(model.generate, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False))
     assert len(feats[MODELS[family][2]]) == 20
-    # the symbolic attempt, the prompt step, one decoding step; not one per step
-    assert builds.count(True) == 2, builds
+    # the prompt step and one decoding step, not one per step; an encoder-decoder's decoder
+    # starts from one token, and export holds a cache of length 1 static: its second step too
+    traces = 3 if model.config.is_encoder_decoder else 2
+    assert builds.count(True) == traces, builds
     sequences, _ = run(ex.generate, prompt(2, 9), max_new_tokens=20, do_sample=False)  # other sizes too
-    assert builds.count(True) == 2, builds
+    assert builds.count(True) == traces, builds
 
 
 def test_decoding_step_by_hand_updates_the_callers_cache():
@@ -129,7 +144,7 @@ def test_decoding_step_by_hand_updates_the_callers_cache():
     assert ex.tracer == "running"
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_steering_at_every_step_equals_a_hook(family):
     model = build(family, "sdpa")
     path = MODELS[family][2]
@@ -234,3 +249,67 @@ def test_sliding_window_cache_is_captured_without_a_trace_per_step(monkeypatch):
     for got, want in zip(feats[path], seen[path], strict=True):
         assert_same(got, want)
     assert builds.count(True) <= 2, builds
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_attention_probabilities_of_every_step_equal_output_attentions(family):
+    """``attn_probs`` of an sdpa model (a fused kernel) at step ``t`` hold ``prompt + t`` keys
+    and equal ``output_attentions=True`` of its eager twin (same weights) in the same generate."""
+    model, twin = build(family, "sdpa"), build(family, "eager")
+    ids = prompt()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    sequences, feats = run(capture(model, ["attn_probs"]).generate, ids, **kwargs)
+    expected = run(twin.generate, ids, output_attentions=True, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(sequences, expected.sequences)
+    keys = [k for k in feats if k.endswith(":attn_probs")]
+    assert len(keys) == model.config.num_hidden_layers, list(feats)
+    for layer, key in enumerate(keys):
+        assert len(feats[key]) == len(expected.attentions) == 6
+        for step, (got, want) in enumerate(zip(feats[key], expected.attentions)):
+            assert got.shape == want[layer].shape == (2, 4, ids.shape[1] if step == 0 else 1, ids.shape[1] + step)
+            torch.testing.assert_close(got, want[layer], msg=lambda m: f"{key} step {step}: {m}")
+
+
+def test_compiled_generation_with_a_static_cache_is_one_graph_for_every_decoding_step():
+    """transformers' compiled generation (``compile_config``, static cache) over the
+    extractor: the decoding steps share one compiled graph, as they do for the model itself;
+    another prompt of the same size compiles nothing new, a longer cache no more than the
+    model compiles for it; tokens and values as the eager model's."""
+    graphs = {"model": [], "extractor": []}
+
+    def compile_config(name):
+        def backend(gm, example_inputs):
+            graphs[name].append(gm)
+            return gm.forward
+
+        config = transformers.CompileConfig(backend=backend, fullgraph=False, mode=None)
+        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+        return config
+
+    model = build("llama", "sdpa")
+    path = MODELS["llama"][2]
+    ids, other = prompt(), torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(9))
+    static = dict(do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    try:
+        config = compile_config("model")
+        expected = run(model.generate, ids, max_new_tokens=8, min_new_tokens=8, compile_config=config, **static)
+        run(model.generate, ids, max_new_tokens=16, min_new_tokens=16, compile_config=config, **static)
+        with hooked(model, [path]) as seen:
+            eager = run(model.generate, ids, max_new_tokens=8, min_new_tokens=8, **static)
+        ex = capture(model, [path])
+        config = compile_config("extractor")
+        sequences, feats = run(ex.generate, ids, max_new_tokens=8, min_new_tokens=8, compile_config=config, **static)
+        first = len(graphs["extractor"])
+        again, _ = run(ex.generate, other, max_new_tokens=8, min_new_tokens=8, compile_config=config, **static)
+        assert len(graphs["extractor"]) == first, "another prompt of the same size compiled again"
+        longer, _ = run(ex.generate, ids, max_new_tokens=16, min_new_tokens=16, compile_config=config, **static)
+    finally:
+        torch._dynamo.reset()
+    assert first == 1, graphs
+    assert len(graphs["extractor"]) <= len(graphs["model"]), graphs
+    assert torch.equal(sequences, expected) and torch.equal(sequences, eager)
+    assert torch.equal(again, run(model.generate, other, max_new_tokens=8, min_new_tokens=8, **static))
+    assert torch.equal(longer[:, : sequences.shape[1]], sequences)
+    for got, want in zip(feats[path], seen[path], strict=True):
+        assert_same(got, want, exact=False)
