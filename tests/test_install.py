@@ -5,6 +5,7 @@ examples run; and the declared Python versions are the ones the README names."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fxcapture.cli.models import Attention, TinyViT
+from test_readme import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = "Scripts" if os.name == "nt" else "bin"
@@ -76,6 +78,31 @@ def test_the_readme_first_command_from_an_installed_wheel(venv, tmp_path):
 def test_examples_run_from_the_installed_wheel(venv, tmp_path, script, says):
     done = _run([venv / BIN / "python", ROOT / "examples" / script], cwd=tmp_path, TMPDIR=str(tmp_path))
     assert says in done.stdout
+
+
+# runs every README block in order, each in a fresh namespace and folder, as a user pastes them
+README_RUNNER = """
+import json, os, sys, tempfile
+import torch
+from fxcapture import get_local
+for name, code in json.load(open(sys.argv[1])):
+    os.chdir(tempfile.mkdtemp(dir=sys.argv[2]))
+    torch.manual_seed(0)
+    exec(compile(code, name, "exec"), {"__name__": "__readme__"})
+    get_local.deactivate()
+    get_local.clear()
+    print("\\nREADME block ran:", name)
+"""
+
+
+@pytest.mark.slow
+def test_readme_blocks_run_from_the_installed_wheel(venv, tmp_path):
+    blocks = [(f"README.md:{line}", code) for _, line, code in readme_blocks()]
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "runner.py").write_text(README_RUNNER)
+    done = _run([venv / BIN / "python", "runner.py", "blocks.json", tmp_path], cwd=tmp_path, TMPDIR=str(tmp_path))
+    ran = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("README block ran: ")]
+    assert ran == [name for name, _ in blocks], done.stdout[-2000:]
 
 
 def test_declared_python_versions_are_the_readmes():

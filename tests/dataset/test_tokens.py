@@ -98,7 +98,8 @@ def test_sigkill_mid_run_then_resume_gives_every_token_once(tmp_path):
 
 def test_peak_memory_is_flat_from_10k_to_100k_tokens(tmp_path):
     """The control keeps the rows (about 23 MiB more for the larger run) and shows that the
-    measurement sees such growth; extract streams them to chunks."""
+    measurement sees such growth; extract streams them to chunks. The control's measured growth
+    varies with the allocator and the machine's load (10-22 MiB seen), hence its loose bound."""
     script = tmp_path / "job.py"
     script.write_text(JOB)
     peaks = {}
@@ -109,5 +110,5 @@ def test_peak_memory_is_flat_from_10k_to_100k_tokens(tmp_path):
         peaks[mode] = tuple(map(int, done.stdout.split()[-2:]))
     extra = 1200 * 75 * 64 * 4  # float32 rows of the extra ~90k tokens the control keeps
     mib = {k: [f"{v / 2**20:.1f} MiB" for v in p] for k, p in peaks.items()}
-    assert peaks["keep"][1] - peaks["keep"][0] > 0.5 * extra, f"the control should grow with the tokens: {mib}"
+    assert peaks["keep"][1] - peaks["keep"][0] > 0.3 * extra, f"the control should grow with the tokens: {mib}"
     assert peaks["extract"][1] - peaks["extract"][0] < 0.15 * extra, f"extract's peak grows with the tokens: {mib}"
