@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -214,6 +216,45 @@ REPO = Path(__file__).resolve().parents[1]
 # a child Python process that imports this checkout's fxcapture (and benchmarks), one thread
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                   "OMP_NUM_THREADS": "1"}  # fmt: skip
+
+
+VENV_BIN = "Scripts" if os.name == "nt" else "bin"
+
+
+def run_outside(command: list, cwd: Path, *, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run ``command`` without this checkout on the path (an installed fxcapture), one thread."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(c) for c in command], cwd=cwd, env={**environment, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    if check:
+        assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def venv(tmp_path_factory) -> Path:
+    """A fresh venv with fxcapture's wheel installed, its dependencies taken from the
+    interpreter running the tests (no download: a ``.pth`` names that interpreter's
+    site folders, like ``--system-site-packages`` but also under a venv)."""
+    pytest.importorskip("setuptools")  # the build backend, without build isolation
+    tmp = tmp_path_factory.mktemp("install")
+    source = tmp / "source"  # a copy: no stale build/ folder of the checkout gets packed
+    shutil.copytree(REPO / "fxcapture", source / "fxcapture", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    run_outside([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", source,
+                 "-w", tmp / "wheel"], cwd=tmp)  # fmt: skip
+    (wheel,) = (tmp / "wheel").glob("fxcapture-*.whl")
+    env = tmp / "venv"
+    run_outside([sys.executable, "-m", "venv", "--without-pip", env], cwd=tmp)
+    python = env / VENV_BIN / "python"
+    purelib = run_outside([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp)
+    sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    Path(purelib.stdout.strip(), "_test_parent_site.pth").write_text("\n".join(sites) + "\n")
+    run_outside([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], cwd=tmp)
+    where = run_outside([python, "-c", "import fxcapture; print(fxcapture.__file__)"], cwd=tmp).stdout.strip()
+    assert Path(where).is_relative_to(env), where  # the wheel's copy, not the checkout's
+    return env
 
 
 def kill_after_chunks(command: list[str], out: Path, chunks: int, env: dict, seconds: float = 120) -> None:

@@ -6,55 +6,18 @@ examples run; and the declared Python versions are the ones the README names."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from conftest import VENV_BIN as BIN
+from conftest import run_outside as _run
 from fxcapture.cli.models import Attention, TinyViT
 from test_readme import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = "Scripts" if os.name == "nt" else "bin"
-
-
-def _run(command: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the checkout
-    done = subprocess.run([str(c) for c in command], cwd=cwd, env={**environment, "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    """A fresh venv with fxcapture's wheel installed, its dependencies taken from the
-    interpreter running the tests (no download: a ``.pth`` names that interpreter's
-    site folders, like ``--system-site-packages`` but also under a venv)."""
-    pytest.importorskip("setuptools")  # the build backend, without build isolation
-    tmp = tmp_path_factory.mktemp("install")
-    source = tmp / "source"  # a copy: no stale build/ folder of the checkout gets packed
-    shutil.copytree(ROOT / "fxcapture", source / "fxcapture", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", source, "-w", tmp / "wheel"],
-         cwd=tmp)  # fmt: skip
-    (wheel,) = (tmp / "wheel").glob("fxcapture-*.whl")
-    env = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", env], cwd=tmp)
-    python = env / BIN / "python"
-    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip()
-    sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-    Path(purelib, "_test_parent_site.pth").write_text("\n".join(sites) + "\n")
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], cwd=tmp)
-    where = _run([python, "-c", "import fxcapture; print(fxcapture.__file__)"], cwd=tmp).stdout.strip()
-    assert Path(where).is_relative_to(env), where  # the wheel's copy, not the checkout's
-    return env
 
 
 @pytest.mark.slow
@@ -71,12 +34,14 @@ def test_the_readme_first_command_from_an_installed_wheel(venv, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, says", [
-    ("activation_patching.py", "zero-ablating one head"),
-    ("monitor_training.py", "blocks.1.attn:attn"),
+@pytest.mark.parametrize("script, args, says", [
+    ("activation_patching.py", [], "zero-ablating one head"),
+    ("monitor_training.py", [], "blocks.1.attn:attn"),
+    ("sentence_embeddings.py", [], "neighbours on the same topic"),
+    ("token_probe.py", ["--documents", "60", "--steps", "20"], "linear probe 'is a space'"),
 ])  # fmt: skip
-def test_examples_run_from_the_installed_wheel(venv, tmp_path, script, says):
-    done = _run([venv / BIN / "python", ROOT / "examples" / script], cwd=tmp_path, TMPDIR=str(tmp_path))
+def test_examples_run_from_the_installed_wheel(venv, tmp_path, script, args, says):
+    done = _run([venv / BIN / "python", ROOT / "examples" / script, *args], cwd=tmp_path, TMPDIR=str(tmp_path))
     assert says in done.stdout
 
 

@@ -24,7 +24,7 @@ from .guards import CodeObserver, ModelGuard
 from .._util.internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
 from .pytrees import write_back
 from .records import Catalogue
-from .runtime import refuse_under_compile
+from .runtime import TRACE_UNDER_COMPILE, refuse_under_compile
 from .spec import INPUT, CaptureSpec, as_call, constant_defaults
 
 MAX_TRACES = 8  # graphs kept per mode and call pattern (one per set of guards)
@@ -192,11 +192,7 @@ class Extractor(torch.nn.Module):
             if program.accepts(args, kwargs) and _follows(program):
                 return program
         if torch.compiler.is_compiling():
-            refuse_under_compile(
-                "fxcapture: this extractor traces the model by running it on the first call "
-                "with new kinds of inputs, which cannot happen inside torch.compile: call the "
-                "extractor once before compiling it, or pass capture(..., example_inputs=...)."
-            )
+            refuse_under_compile(TRACE_UNDER_COMPILE)
         with self._build_lock:
             traces = self._running[mode]
             stale = [p for p in traces if p.accepts(args, kwargs)]

@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import torch
 
+from .runtime import TRACE_UNDER_COMPILE
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
 
@@ -142,8 +144,13 @@ def generate(model: torch.nn.Module, step: Callable[..., tuple[Any, dict]], *arg
         compiled = step.compiled_call(**options)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            step.prepare(*args, **kwargs)
-            out, feats = compiled(*args, **kwargs)
+            try:
+                out, feats = compiled(*args, **kwargs)
+            except Exception as err:  # raised while compiling, before the step ran
+                if TRACE_UNDER_COMPILE not in str(err):
+                    raise
+                step.prepare(*args, **kwargs)  # the trace these inputs need, made outside torch.compile
+                out, feats = compiled(*args, **kwargs)
             steps.append(feats)
             return out
 

@@ -407,6 +407,13 @@ RUN_TIME_UNDER_COMPILE = (
 )
 
 
+TRACE_UNDER_COMPILE = (
+    "fxcapture: this extractor traces the model by running it on the first call with new "
+    "kinds of inputs, which cannot happen inside torch.compile: call the extractor once "
+    "before compiling it, or pass capture(..., example_inputs=...)."
+)
+
+
 @torch.compiler.assume_constant_result
 def refuse_under_compile(message: str) -> None:
     """Raise ``RuntimeError(message)``, also while torch.compile traces the caller.
