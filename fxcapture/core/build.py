@@ -12,7 +12,6 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -50,6 +49,7 @@ class Program:
     guard: InputGuard | None = None  # the inputs a running trace holds for (None: all)
     model_guard: ModelGuard | None = None  # what the graph assumed about the model (None: nothing)
     notes: list[str] = field(default_factory=list)  # why this tracer
+    codes: frozenset = frozenset()  # the model's code objects the trace ran (what its guards watch)
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
@@ -225,18 +225,16 @@ def graph_module(model: torch.nn.Module, graph: fx.Graph, constants: dict[str, t
 
 
 def build_program(
-    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None,
-    observer: AbstractContextManager | None = None,
-) -> Program | None:  # fmt: skip
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
+) -> Program | None:
     """Trace ``model``, resolve ``spec.names`` and rewrite the graph to return them.
 
     The tracer: symbolic fx where it is exact; the running tracer (needs ``example``,
     ``(args, kwargs)``; without one, returns ``None``: build again at the first call)
     where fx fails or would change what the model does; run-time capture for what
-    neither can trace. ``observer`` (a :class:`~.guards.CodeObserver`) is entered around
-    each run of the model's code only, not around the graph work after it.
+    neither can trace.
     """
-    trace = choose_trace(model, spec, example, observer)
+    trace = choose_trace(model, spec, example)
     if trace is None:
         return None
     return program_from_trace(model, spec, trace)
@@ -263,9 +261,8 @@ def needs_running(model: torch.nn.Module) -> bool:
 
 
 def choose_trace(
-    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None,
-    observer: AbstractContextManager | None = None,
-) -> Trace | None:  # fmt: skip
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
+) -> Trace | None:
     """Trace ``model`` with the tracer :func:`~.policy.decide` picks (see
     :func:`build_program`); ``None`` when that is the running tracer and no example
     inputs are given. The records are made once, for the chosen trace."""
@@ -273,8 +270,7 @@ def choose_trace(
         global_hooks() or has_hooks(model) or hooked_modules(model)
     ):
         try:  # no symbolic attempt first: it would fail or be rejected
-            with observer or nullcontext():
-                running, guard = trace_by_running(model, *example, attention=spec.attention)
+            running, guard = trace_by_running(model, *example, attention=spec.attention)
         except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
             raise
         except Exception:  # the policy below decides, and says why
@@ -283,13 +279,11 @@ def choose_trace(
             why = (f"the model: {type(model).__name__} is a transformers model, whose forward (wrapped by "
                    "decorators, reading its config, caches and masks) fx cannot follow; fx is not tried")
             return Trace(running, build_catalogue(running, model), {}, RUNNING, guard, [why])
-    with observer or nullcontext():
-        attempt, result, error = attempt_symbolic(model, spec, example is not None)
+    attempt, result, error = attempt_symbolic(model, spec, example is not None)
     decision, guard = decide(attempt), None
     if decision.tracer == RUNNING:
         try:
-            with observer or nullcontext():
-                result, guard = trace_by_running(model, *example, attention=spec.attention)
+            result, guard = trace_by_running(model, *example, attention=spec.attention)
         except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
             raise
         except Exception as err:
@@ -367,4 +361,5 @@ def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) 
         untraced=untraced,
         guard=trace.guard,
         notes=trace.notes,
+        codes=frozenset(result.codes),
     )

@@ -18,9 +18,8 @@ import torch
 import torch.fx as fx
 
 from .build import Program, build_program
-from .frames import FrameFilter
 from .generation import GeneratedFeatures, generate
-from .guards import CodeObserver, ModelGuard
+from .guards import ModelGuard, names_read
 from .._util.internals import forward_hooks, forward_pre_hooks, non_persistent_buffers
 from .pytrees import write_back
 from .records import Catalogue
@@ -34,7 +33,7 @@ def _follows(program: Program) -> bool:
     """Does the graph still hold for the model (its :class:`~.guards.ModelGuard`)?
     Inside ``torch.compile`` dynamo guards the model itself."""
     guard = program.model_guard
-    return guard is None or torch.compiler.is_compiling() or guard.holds()
+    return guard is None or torch.compiler.is_dynamo_compiling() or guard.holds()
 
 
 def run_pre_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -191,7 +190,9 @@ class Extractor(torch.nn.Module):
         for program in self._running[mode]:
             if program.accepts(args, kwargs) and _follows(program):
                 return program
-        if torch.compiler.is_compiling():
+        # dynamo tracing this call; not is_compiling(), whose export flag is process-wide:
+        # another thread tracing by running would make this thread refuse
+        if torch.compiler.is_dynamo_compiling():
             refuse_under_compile(TRACE_UNDER_COMPILE)
         with self._build_lock:
             traces = self._running[mode]
@@ -208,12 +209,11 @@ class Extractor(torch.nn.Module):
         """Trace the model as it is now, and guard what the trace read of it. ``stale``:
         programs of this pattern that the model no longer matches (said in ``explain()``)."""
         model = self._model
-        seen = CodeObserver()
-        program = build_program(model, self._spec.replace(specialization=specialization), example, seen)
+        program = build_program(model, self._spec.replace(specialization=specialization), example)
         if program is None:
             return None
         # what a graph assumed about the model; run-time capture: which modules it hooks
-        read = seen.names(FrameFilter(model)) if "" not in program.untraced else frozenset()
+        read = names_read(program.codes) if "" not in program.untraced else frozenset()
         program.model_guard = ModelGuard(model, read, eager=program.untraced, dtypes=program.tracer == "running")
         changed = next((p.model_guard.changes() for p in stale or () if p and p.model_guard), None)
         if changed:

@@ -25,7 +25,7 @@ import torch
 
 from .._util.internals import pytree
 
-from .frames import FrameFilter, ProfileScope, is_user_hook
+from .frames import is_user_hook
 
 from .pytrees import state_objects
 
@@ -143,35 +143,21 @@ _TRAINING = operator.itemgetter("training")
 _DTYPE = operator.attrgetter("dtype")
 
 
-class CodeObserver(ProfileScope):
-    """The code objects that run while a trace runs (a profile function in the tracing
-    thread only, chained to the one already there, removed on exit).
+def names_read(codes: Iterable[Any]) -> frozenset[str]:
+    """Attribute names the model's own code may read: the names its code objects load,
+    and string constants (``getattr(self.config, "use_cache")``). ``codes``: the model's
+    code objects a trace ran (``TraceResult.codes``, filtered by :class:`~.frames.FrameFilter`).
 
     Example::
 
-        >>> with CodeObserver() as seen:
-        ...     build_program(model, spec)
-        >>> "output_hidden_states" in seen.names(FrameFilter(model))
+        >>> "output_hidden_states" in names_read(program.codes)
         True
     """
-
-    def __init__(self) -> None:
-        super().__init__(self._on_event)
-        self.codes: set = set()
-
-    def _on_event(self, frame: Any, event: str, arg: Any) -> None:
-        if event == "call":
-            self.codes.add(frame.f_code)
-
-    def names(self, frames: FrameFilter) -> frozenset[str]:
-        """Attribute names the model's own code may read: the names its code objects
-        load, and string constants (``getattr(self.config, "use_cache")``)."""
-        found: set[str] = set()
-        for code in self.codes:
-            if frames.watches(code):
-                found.update(code.co_names)
-                found.update(c for c in code.co_consts if type(c) is str and c.isidentifier())
-        return frozenset(found)
+    found: set[str] = set()
+    for code in codes:
+        found.update(code.co_names)
+        found.update(c for c in code.co_consts if type(c) is str and c.isidentifier())
+    return frozenset(found)
 
 
 def _is_plain_object(value: Any) -> bool:

@@ -73,6 +73,7 @@ class _Collector:
     def __init__(self, model: torch.nn.Module, attention: str | None) -> None:
         self.model = model
         self.frames = FrameFilter(model)
+        self.codes: set = set()  # the model's own code objects that ran
         self.stack: list[str] = []
         self.module_calls: list[tuple[str, Any]] = []
         self.locals: list[LocalRecord] = []
@@ -132,9 +133,15 @@ class _Collector:
             self._handles.append(module.register_forward_pre_hook(self._pre(path)))
             self._handles.append(module.register_forward_hook(self._post(path), always_call=True))
         # only the model's own code objects are watched (see internals.watch_returns)
-        self._watching.enter_context(watch_returns(self.frames.watches, self._on_return))
+        self._watching.enter_context(watch_returns(self._watches, self._on_return))
         if self.attention is not None:
             self.attention.__enter__()
+
+    def _watches(self, code: Any) -> bool:
+        if not self.frames.watches(code):
+            return False
+        self.codes.add(code)
+        return True
 
     def uninstall(self) -> None:
         if self.attention is not None:
@@ -393,5 +400,5 @@ def trace_by_running(
         LocalRecord(r.module, r.function, r.name, _substitute_keys(r.value, nodes), _returned_after(r.value, points))
         for r in collector.locals
     ]
-    result = TraceResult(graph, module_calls, records, constants={}, root=unlifted)
+    result = TraceResult(graph, module_calls, records, constants={}, root=unlifted, codes=collector.codes)
     return result, InputGuard.from_export(unlifted, exported, args, kwargs, model)

@@ -203,7 +203,7 @@ class RuntimeCapture:
     # -- one call ----------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self) -> Iterator[_Session]:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():  # not is_compiling(): its export flag is process-wide
             refuse_under_compile(RUN_TIME_UNDER_COMPILE.format(where=_describe(self.regions)))
         with self._lock:
             discovering = not self.discovered

@@ -73,6 +73,7 @@ class TraceResult:
     # modules that must run eagerly to stay exact (they call a custom autograd.Function)
     eager_modules: dict[str, str] = field(default_factory=dict)
     root: torch.nn.Module | None = None  # what the graph's get_attr/call_module read, if not the model
+    codes: set = field(default_factory=set)  # the model's own code objects that ran (see FrameFilter)
 
 
 def _to_nodes(value: Any) -> Any:
@@ -297,6 +298,7 @@ class CaptureTracer(fx.Tracer):
             return
         if event != "return" or not self.frames.watches(frame.f_code):
             return
+        self.codes.add(frame.f_code)
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
         last = next(reversed(self.graph.nodes), None)
@@ -336,6 +338,7 @@ class CaptureTracer(fx.Tracer):
         """
         model = root if isinstance(root, torch.nn.Module) else None
         self.frames = FrameFilter(root)
+        self.codes: set = set()
         self._thread = threading.get_ident()
         with _TRACE_LOCK:
             snapshot = ModelSnapshot(model) if model is not None else None
@@ -370,4 +373,5 @@ class CaptureTracer(fx.Tracer):
             leaf_paths=self.leaf_paths,
             hazards=self.hazards,
             eager_modules=self.eager_modules,
+            codes=self.codes,
         )
