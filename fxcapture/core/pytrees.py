@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -151,12 +152,20 @@ def _from_context(ctx: Any, leaves: list, classes: dict[str, type]) -> Any:
 
 
 _CONTAINERS = (tuple, list, dict)
+_BUILTIN_CONTAINERS = (tuple, list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
+
+
+def is_registered_object(x: Any) -> bool:
+    """A pytree node of its own class, not one of Python's containers: a ``Cache``, a
+    ``ModelOutput`` (such as the ``encoder_outputs`` that ``generate`` passes to T5)."""
+    return type(x) in pytree.SUPPORTED_NODES and type(x) not in _BUILTIN_CONTAINERS
 
 
 def is_state_object(x: Any) -> bool:
-    """An object registered as a pytree node that is no container: a ``Cache`` of
-    transformers, whose tensors are graph inputs and which the model updates."""
-    return type(x) in pytree.SUPPORTED_NODES and not isinstance(x, _CONTAINERS)
+    """A registered object that is no container (not a dict subclass such as a
+    ``ModelOutput``): a ``Cache`` of transformers, whose tensors are graph inputs and
+    which the model updates."""
+    return is_registered_object(x) and not isinstance(x, _CONTAINERS)
 
 
 def state_objects(tree: Any) -> list:
@@ -223,4 +232,4 @@ def _assign(into: Any, new: Any) -> None:
             into.__dict__[name] = value
 
 
-__all__ = ["Rebuilt", "RebuildContext", "compilable_spec", "is_state_object", "state_objects", "write_back"]
+__all__ = ["Rebuilt", "RebuildContext", "compilable_spec", "is_registered_object", "is_state_object", "state_objects", "write_back"]

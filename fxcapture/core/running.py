@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import operator
@@ -46,6 +45,7 @@ from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
 from .._util.internals import export_quietly, pytree, region_ops, tensor_version, watch_returns
+from .pytrees import is_registered_object
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -250,28 +250,18 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         # (the guard then traces again for another size)
         return {d: auto for d in spec if x.shape[d] > 1} or None
 
-    return pytree.tree_map(lambda x: state_dims(x) if _registered_class(x) else dims(x), dict(bound),
-                           is_leaf=_registered_class)  # fmt: skip
+    return pytree.tree_map(lambda x: registered_dims(x) if is_registered_object(x) else dims(x), dict(bound),
+                           is_leaf=is_registered_object)  # fmt: skip
 
 
-def _registered_class(x: Any) -> bool:
-    """A pytree node of its own class (a ``Cache``, a ``ModelOutput`` such as the
-    ``encoder_outputs`` that ``generate`` passes to T5): export takes its dynamic shapes
-    as a list, one entry per child."""
-    return type(x) in pytree.SUPPORTED_NODES and type(x) not in _BUILTIN_CONTAINERS
-
-
-_BUILTIN_CONTAINERS = (tuple, list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
-
-
-def state_dims(x: Any) -> list:
-    """Export's dynamic shapes for a registered object: one entry per child, every
-    dimension of its tensors left to export (a cache grows along its sequence dimension,
-    encoder outputs along the prompt's)."""
+def registered_dims(x: Any) -> list:
+    """Export's dynamic shapes for a registered object (export takes them as a list,
+    one entry per child): every dimension of its tensors left to export (a cache grows
+    along its sequence dimension, encoder outputs along the prompt's)."""
     children, _ = pytree.SUPPORTED_NODES[type(x)].flatten_fn(x)
     auto = torch.export.Dim.AUTO
     return [
-        state_dims(c) if _registered_class(c)
+        registered_dims(c) if is_registered_object(c)
         else {d: auto for d in range(c.dim()) if c.shape[d] > 1} or None if isinstance(c, torch.Tensor)
         else None
         for c in children
