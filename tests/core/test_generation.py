@@ -313,3 +313,26 @@ def test_compiled_generation_with_a_static_cache_is_one_graph_for_every_decoding
     assert torch.equal(longer[:, : sequences.shape[1]], sequences)
     for got, want in zip(feats[path], seen[path], strict=True):
         assert_same(got, want, exact=False)
+
+
+def test_generate_follows_a_model_changed_after_capture():
+    """A block's MLP swapped and a config flag flipped between two ``generate`` calls: the
+    second follows the model as it is then (tokens and values equal ``model.generate``)."""
+    model = build("gpt2", "sdpa")
+    path = "transformer.h.1"
+    ex = capture(model, [path])
+    ids = prompt()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    for change in (None, "swap", "flag"):
+        if change == "swap":
+            torch.manual_seed(5)
+            model.transformer.h[1].mlp = type(model.transformer.h[1].mlp)(256, model.config).eval()
+        elif change == "flag":
+            model.config.output_hidden_states = True
+        sequences, feats = run(ex.generate, ids, return_dict_in_generate=True, **kwargs)
+        with hooked(model, [path]) as seen:
+            expected = run(model.generate, ids, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(sequences.sequences, expected.sequences), change
+        assert (sequences.get("hidden_states") is None) == (expected.get("hidden_states") is None), change
+        for got, want in zip(feats[path], seen[path], strict=True):
+            assert_same(got, want, path=f"{path} after {change}")
