@@ -164,7 +164,7 @@ def list_names(
     if pattern is not None:
         check_module_paths(pattern, model, how_to_list)
     example = as_call(example_inputs) if example_inputs is not None else None
-    trace = choose_trace(model, spec.replace(names=()), example)
+    trace = choose_trace(model, spec.replace(names=()), example, listing=True)
     if trace is None:
         raise ValueError(
             "torch.fx cannot trace this model exactly, so its names come from running it: "

@@ -30,7 +30,7 @@ from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue, nested
 from .running import trace_by_running
 from .runtime import RuntimeCapture
-from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error
+from .select import SelectorPairs, is_glob, match, resolve, selector_pairs, unknown_selector_error, wanted_locals
 from .spec import INPUT, CaptureSpec, TraceFailure, constant_defaults, traced_root
 from .trace import CaptureTracer, TraceResult
 
@@ -261,16 +261,21 @@ def needs_running(model: torch.nn.Module) -> bool:
 
 
 def choose_trace(
-    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None, *, listing: bool = False
 ) -> Trace | None:
     """Trace ``model`` with the tracer :func:`~.policy.decide` picks (see
     :func:`build_program`); ``None`` when that is the running tracer and no example
-    inputs are given. The records are made once, for the chosen trace."""
+    inputs are given. The records are made once, for the chosen trace.
+
+    The running tracer keeps only the locals the selectors and edits of ``spec`` can
+    select (each kept value costs the export an op); ``listing=True`` keeps every one.
+    """
+    wants = None if listing else wanted_locals([s for _, s in selector_pairs(spec.names)] + list(spec.edit or {}))
     if example is not None and spec.fallback != "always" and needs_running(model) and not (
         global_hooks() or has_hooks(model) or hooked_modules(model)
     ):
         try:  # no symbolic attempt first: it would fail or be rejected
-            running, guard = trace_by_running(model, *example, attention=spec.attention)
+            running, guard = trace_by_running(model, *example, attention=spec.attention, wants=wants)
         except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
             raise
         except Exception:  # the policy below decides, and says why
@@ -283,7 +288,7 @@ def choose_trace(
     decision, guard = decide(attempt), None
     if decision.tracer == RUNNING:
         try:
-            result, guard = trace_by_running(model, *example, attention=spec.attention)
+            result, guard = trace_by_running(model, *example, attention=spec.attention, wants=wants)
         except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
             raise
         except Exception as err:

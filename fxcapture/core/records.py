@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -62,12 +62,17 @@ class NameInfo:
 
 
 class Catalogue:
-    """Every capturable value of one traced graph, in execution order."""
+    """Every capturable value of one traced graph, in execution order.
 
-    def __init__(self, records: list[NameInfo], aliases: dict[str, str]):
+    ``unselected``: the bases (``"module:variable"``) of locals a tracer saw but kept out
+    of its graph, because no selector could select them; listed for error messages only.
+    """
+
+    def __init__(self, records: list[NameInfo], aliases: dict[str, str], unselected: Iterable[str] = ()):
         self.records = records
         self.by_key = {r.key: r for r in records}
         self.aliases = aliases
+        self.unselected = frozenset(unselected)
         self.by_base: dict[str, list[NameInfo]] = defaultdict(list)
         for r in records:
             self.by_base[r.base].append(r)
@@ -189,7 +194,7 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
         records.append(NameInfo(f"%{node.name}", NODE, module, f"{node.op} {target}", f"%{node.name}",
                                 None, node, order[node]))  # fmt: skip
     records.sort(key=execution_order)
-    return Catalogue(records, aliases)
+    return Catalogue(records, aliases, result.unselected)
 
 
 def _position(value: Any, order: dict) -> int:

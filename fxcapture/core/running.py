@@ -33,7 +33,7 @@ import operator
 import sys
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -70,8 +70,10 @@ class _Collector:
     """Tags module outputs and locals while export runs; everything it installs is
     removed in :meth:`uninstall`."""
 
-    def __init__(self, model: torch.nn.Module, attention: str | None) -> None:
+    def __init__(self, model: torch.nn.Module, attention: str | None, wants: Callable[[str], bool] | None) -> None:
         self.model = model
+        self.wants = wants  # which locals to tag (None: all); each tag costs export an op
+        self.unselected: set[str] = set()
         self.frames = FrameFilter(model)
         self.codes: set = set()  # the model's own code objects that ran
         self.stack: list[str] = []
@@ -180,12 +182,23 @@ class _Collector:
         for name, value in list(frame.f_locals.items()):
             if name == "self" or name.startswith((".", "__")) or isinstance(value, torch.nn.Module):
                 continue
+            if self.wants is not None and not self.wants(name):
+                if isinstance(value, torch.Tensor) or (not isinstance(value, _PLAIN) and _holds_tensor(value)):
+                    self.unselected.add(f"{module}:{name}")
+                continue
             try:
                 tagged = self._tag_tree(f"l|{len(self.locals)}", value)
             except Exception:  # a container that cannot be walked: not capturable
                 continue
             if tagged is not None:
                 self.locals.append(LocalRecord(module, function, name, tagged))
+
+
+def _holds_tensor(value: Any) -> bool:
+    try:
+        return bool(leaves(value))
+    except Exception:  # a container that cannot be walked: not capturable
+        return False
 
 
 def _untag(owner: torch.nn.Module, graph: fx.Graph, points: dict[str, fx.Node]) -> dict[str, fx.Node]:
@@ -341,15 +354,17 @@ def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def trace_by_running(
-    model: torch.nn.Module, args: tuple, kwargs: dict, *, attention: str | None = None
+    model: torch.nn.Module, args: tuple, kwargs: dict, *, attention: str | None = None,
+    wants: Callable[[str], bool] | None = None,
 ) -> tuple[TraceResult, InputGuard]:
     """Export ``model`` on the example inputs, recording module outputs and locals.
 
-    Returns the :class:`~.trace.TraceResult` (``result.root`` is the module the graph
-    runs on) and the :class:`~.guards.InputGuard` saying which inputs it holds for.
+    ``wants``: which local variables to keep, by name (``None``: every one; see
+    :func:`~.select.wanted_locals`). Returns the :class:`~.trace.TraceResult`
+    (``result.root`` is the module the graph runs on) and the :class:`~.guards.InputGuard` saying which inputs it holds for.
     Raises what ``torch.export`` raises for code it cannot trace.
     """
-    collector = _Collector(model, attention)
+    collector = _Collector(model, attention, wants)
     devices = sorted({t.device.index or 0 for t in leaves((args, kwargs)) if t.device.type == "cuda"})
     # tracing draws no random numbers of the caller's; hooks and trace functions go
     _register_output_types(model)
@@ -390,5 +405,6 @@ def trace_by_running(
         LocalRecord(r.module, r.function, r.name, _substitute_keys(r.value, nodes), _returned_after(r.value, points))
         for r in collector.locals
     ]
-    result = TraceResult(graph, module_calls, records, constants={}, root=unlifted, codes=collector.codes)
+    result = TraceResult(graph, module_calls, records, constants={}, root=unlifted, codes=collector.codes,
+                         unselected=collector.unselected)
     return result, InputGuard.from_export(unlifted, exported, args, kwargs, model)

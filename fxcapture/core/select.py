@@ -22,7 +22,7 @@ import contextvars
 import difflib
 import functools
 import re
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -313,16 +313,43 @@ def unknown_selector_error(
     candidates = {r.base for r in catalogue if r.kind != NODE}
     candidates |= {r.variable for r in catalogue if r.kind == LOCAL}
     candidates |= {r.key for r in catalogue if r.kind == NODE}
-    candidates |= set(catalogue.aliases)
+    candidates |= set(catalogue.aliases) | catalogue.unselected
+    candidates |= {base.rpartition(":")[2] for base in catalogue.unselected}
     close = difflib.get_close_matches(selector, sorted(candidates), n=5, cutoff=0.6)
     suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     what = "matches nothing" if is_glob(selector) else "is not a capturable name"
     return UnknownSelectorError(
         selector,
         f"{selector!r} {what}.{hint}{suggestion} "
-        f"Use {how_to_list} to list all {len(catalogue)} names "
+        f"Use {how_to_list} to list all {len(catalogue) + len(catalogue.unselected)} names "
         "(module paths, 'module:local' variables and '%node' graph nodes)."
     )
+
+
+def wanted_locals(selectors: Iterable[Selector]) -> Callable[[str], bool] | None:
+    """Which local variables ``selectors`` can select, as a test of the variable's name;
+    ``None`` when any local may be (a predicate, a ``**`` glob). A tracer keeps the values
+    of the others out of its graph (they stay listed by name, see ``Catalogue.unselected``).
+
+    Example::
+
+        >>> wanted = wanted_locals(["layer4", "blocks.*:attn", "q*"])
+        >>> wanted("attn"), wanted("qkv"), wanted("x")
+        (True, True, False)
+    """
+    exact: set[str] = set()
+    patterns: list[re.Pattern] = []
+    for selector in selectors:
+        if not isinstance(selector, str) or "**" in selector:
+            return None
+        if selector.startswith("%") or (":" not in selector and "." in selector):
+            continue  # a graph node or a module path
+        name = selector.rpartition(":")[2].partition("@")[0]
+        if is_glob(name):
+            patterns.append(glob_regex(name))
+        else:
+            exact.add(name)
+    return lambda name: name in exact or any(p.match(name) for p in patterns)
 
 
 def selector_pairs(names: Names) -> list[tuple[str | None, Selector]]:

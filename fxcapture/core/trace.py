@@ -74,6 +74,7 @@ class TraceResult:
     eager_modules: dict[str, str] = field(default_factory=dict)
     root: torch.nn.Module | None = None  # what the graph's get_attr/call_module read, if not the model
     codes: set = field(default_factory=set)  # the model's own code objects that ran (see FrameFilter)
+    unselected: set = field(default_factory=set)  # "module:variable" of locals seen but not kept
 
 
 def _to_nodes(value: Any) -> Any:

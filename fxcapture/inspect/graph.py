@@ -62,7 +62,8 @@ def _traced(model: torch.nn.Module, names: Any, leaf_modules: Iterable[Any], att
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_networkx needs an nn.Module or an Extractor, got {type(model).__name__}")
     spec = CaptureSpec(names or (), leaf_modules=leaf_modules, attention=attention)
-    trace = choose_trace(model, spec.replace(names=()), (example, {}) if example is not None else None)
+    trace = choose_trace(model, spec.replace(names=()), (example, {}) if example is not None else None,
+                         listing=True)
     if trace is None or trace.result is None:
         why = trace.untraced.get("") if trace is not None else "torch.fx cannot trace it exactly"
         raise ValueError(

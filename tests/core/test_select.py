@@ -145,3 +145,25 @@ def test_bad_names_type():
         capture(nn.Linear(2, 2), 3)
     with pytest.raises(TypeError, match="selector must be"):
         capture(nn.Linear(2, 2), [3])
+
+
+@pytest.mark.parametrize("selectors, kept, dropped", [
+    (["layer4", "blocks.0.attn", "%add_3"], [], ["attn", "x", "layer4x"]),
+    (["attn"], ["attn"], ["attn_probs", "x"]),
+    (["blocks.3.attn:attn@1"], ["attn"], ["q"]),
+    (["blocks.*:q*", "layer?"], ["q", "qkv", "layer1"], ["k", "layer12"]),
+    ([":x"], ["x"], ["y"]),
+])  # fmt: skip
+def test_wanted_locals_is_what_a_selector_can_select(selectors, kept, dropped):
+    from fxcapture.core.select import wanted_locals
+
+    wanted = wanted_locals(selectors)
+    assert [n for n in kept if wanted(n)] == kept
+    assert [n for n in dropped if wanted(n)] == []
+
+
+@pytest.mark.parametrize("selectors", [["blocks.**"], [lambda info: True], ["x", "**:attn"]])
+def test_selectors_that_may_select_any_local_keep_them_all(selectors):
+    from fxcapture.core.select import wanted_locals
+
+    assert wanted_locals(selectors) is None

@@ -194,3 +194,30 @@ def test_train_mode_dropout_and_gradients_equal_eager():
         for p, q in zip(model.parameters(), reference.parameters()):
             assert torch.equal(p.grad, q.grad)
             p.grad = q.grad = None
+
+
+def test_running_trace_keeps_only_the_locals_a_selector_can_select():
+    """Each value the running tracer keeps costs the export an op: locals no selector
+    names stay out of the graph, yet are listed and suggested by name."""
+    model = build("gpt2", "eager")
+    x = inputs("gpt2", 2, 8)
+    with torch.no_grad():
+        expected = model(**x, output_attentions=True).attentions
+        hooked = hook_values(model, ["transformer.h.1"], **x)[1]["transformer.h.1"][0]
+    blocks = capture(model, ["transformer.h.1"], example_inputs=x)
+    weights = capture(model, ["attn_w*"], example_inputs=x)
+    assert not any(r.kind == "local" for r in blocks.catalogue)
+    assert {r.variable for r in weights.catalogue if r.kind == "local"} == {"attn_weights"}
+    assert "transformer.h.0.attn:attn_output" in blocks.catalogue.unselected
+    for _ in range(2):
+        with torch.no_grad():
+            (_, got), (_, attn) = blocks(**x), weights(**x)
+        torch.testing.assert_close(got["transformer.h.1"], hooked[0] if isinstance(hooked, tuple) else hooked,
+                                   rtol=0, atol=0)  # fmt: skip
+        assert [k for k in attn] == ["transformer.h.0.attn:attn_weights", "transformer.h.1.attn:attn_weights"]
+        for a, b in zip(attn.values(), expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Did you mean .*'attn_output'"):
+        capture(model, ["attn_outptu"], example_inputs=x)
+    everything = list_names(model, example_inputs=x)
+    assert "transformer.h.0.attn:attn_output@1" in everything.keys()
