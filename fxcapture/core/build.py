@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -24,7 +25,7 @@ from .attention import expose_attention_weights
 from .edit import apply_edits
 from .guards import InputGuard, ModelGuard
 from .hazards import has_hooks, hooked_modules
-from .._util.internals import global_hooks
+from .._util.internals import global_hooks, output_spec, pytree
 from .policy import LATER, RAISE, RUN_TIME, RUNNING, Attempt, decide
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue, nested
@@ -51,8 +52,28 @@ class Program:
     notes: list[str] = field(default_factory=list)  # why this tracer
     codes: frozenset = frozenset()  # the model's code objects the trace ran (what its guards watch)
 
+    _flat: tuple | None = field(default=None, repr=False)  # (graph taking flat inputs, output spec)
+
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
+
+    def run_flat(self, flat: list) -> tuple[Any, dict]:
+        """Run the graph on inputs its input guard flattened already
+        (:meth:`~.guards.InputGuard.flat_inputs`): a decoding step flattens its cache once.
+
+        Example::
+
+            >>> flat = program.guard.flat_inputs((), {"input_ids": next_id, "cache": cache})
+            >>> out, feats = program.run_flat(flat)
+        """
+        if self._flat is None:  # made on first use: only programs called with a guard need it
+            graph = copy.deepcopy(self.module.graph)
+            spec = output_spec(graph)
+            graph.set_codegen(fx.graph.CodeGen())  # inputs flat, outputs a flat tuple
+            self._flat = (fx.GraphModule(self.module, graph, class_name="ExtractedFlat"), spec)
+        module, spec = self._flat
+        out = module(*flat)
+        return pytree.tree_unflatten(list(out), spec) if spec is not None else out
 
     @property
     def graph(self) -> fx.Graph | None:

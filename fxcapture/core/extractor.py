@@ -163,7 +163,7 @@ class Extractor(torch.nn.Module):
         self._compiled: dict[str, Callable] = {}  # compiled_call's, newest first
         self._program = self._program_for(model.training, ())  # the latest one used
         if self._program is None and example_inputs is not None:
-            self._program = self._running_program(*as_call(example_inputs))
+            self._program = self._running_program(*as_call(example_inputs))[0]
 
     # -- programs per mode, call pattern and guard set -----------------------------
     def _program_for(self, mode: bool, specialization: tuple) -> Program | None:
@@ -183,13 +183,19 @@ class Extractor(torch.nn.Module):
             self._programs[key] = [program] + programs[: MAX_TRACES - 1] if program is not None else [None]
         return program
 
-    def _running_program(self, args: tuple, kwargs: dict) -> Program:
+    def _running_program(self, args: tuple, kwargs: dict) -> tuple[Program, list | None]:
         """The running trace of this mode that holds for these inputs and the model as
-        it is now, traced now if none does (at most ``MAX_TRACES`` per mode are kept)."""
+        it is now, traced now if none does (at most ``MAX_TRACES`` per mode are kept);
+        with the inputs flat when a kept trace took them (``None`` after a new trace)."""
         mode = self._model.training
         for program in self._running[mode]:
-            if program.accepts(args, kwargs) and _follows(program):
-                return program
+            if program.guard is None:  # run-time capture: holds for every input
+                if _follows(program):
+                    return program, None
+                continue
+            flat = program.guard.flat_inputs(args, kwargs)
+            if flat is not None and _follows(program):
+                return program, flat
         # dynamo tracing this call; not is_compiling(), whose export flag is process-wide:
         # another thread tracing by running would make this thread refuse
         if torch.compiler.is_dynamo_compiling():
@@ -199,10 +205,10 @@ class Extractor(torch.nn.Module):
             stale = [p for p in traces if p.accepts(args, kwargs)]
             for program in stale:
                 if _follows(program):
-                    return program
+                    return program, None
             program = self._build((), example=(args, kwargs), stale=stale)
             self._running[mode] = [program] + traces[: MAX_TRACES - 1]
-        return program
+        return program, None
 
     def _build(self, specialization: tuple = (), example: tuple | None = None,
                stale: list | None = None) -> Program | None:  # fmt: skip
@@ -255,19 +261,21 @@ class Extractor(torch.nn.Module):
             raise
         return self
 
-    def _select(self, program: Program | None, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict]:
-        """The program for this call (traced now if none holds), and the arguments as it takes them."""
+    def _select(self, program: Program | None, args: tuple, kwargs: dict) -> tuple[Program, tuple, dict, list | None]:
+        """The program for this call (traced now if none holds), and the arguments as it
+        takes them (and flat, when its input guard flattened them)."""
+        flat = None
         if program is None or program.guard is not None:  # traced by running, per guard set
-            program = self._running_program(args, kwargs)
+            program, flat = self._running_program(args, kwargs)
         elif self._defaults and (kwargs or len(args) > len(self._params) - len(self._defaults)):
             # optional arguments given: the graph traced for this call pattern
             specialization, positional = self._specialization(args, kwargs)
             program = self._program_for(self._model.training, specialization)
             if program is None:
-                program = self._running_program(args, kwargs)
+                program, flat = self._running_program(args, kwargs)
             elif program.tracer == "symbolic":  # fx's forward takes every argument by position
                 args, kwargs = tuple(positional), {}
-        return program, args, kwargs
+        return program, args, kwargs, flat
 
     def prepare(self, *args: Any, **kwargs: Any) -> "Extractor":
         """Trace now, without running, whatever a call with these inputs would trace: a
@@ -298,11 +306,13 @@ class Extractor(torch.nn.Module):
         root_hooks = program is not None and program.tracer == "symbolic"
         if root_hooks:
             args, kwargs = run_pre_hooks(model, args, kwargs)
-        program, args, kwargs = self._select(program, args, kwargs)
+        program, args, kwargs, flat = self._select(program, args, kwargs)
         if program is not self._program:  # what names, explain() and graph show
             self._program = program
         runtime = program.runtime
-        if runtime is None:
+        if runtime is None and flat is not None and not torch.compiler.is_dynamo_compiling():
+            out, feats = program.run_flat(flat)  # the inputs are flattened once per call
+        elif runtime is None:
             out, feats = program.module(*args, **kwargs)
         else:
             with runtime.session() as session:

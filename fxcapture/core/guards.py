@@ -106,29 +106,34 @@ class InputGuard:
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         """Does a call with these arguments compute what the model computes?"""
+        return self.flat_inputs(args, kwargs) is not None
+
+    def flat_inputs(self, args: tuple, kwargs: dict) -> list | None:
+        """The inputs flat, in the order of the graph's inputs, if the graph holds for them
+        (else ``None``): a caller runs the graph on them without flattening them again."""
         if list(kwargs) != self.kwarg_names and set(kwargs) == set(self.kwarg_names):
             kwargs = {k: kwargs[k] for k in self.kwarg_names}  # keyword order does not matter
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.spec or len(flat) != len(self.leaves):
-            return False
+            return None
         if self.probe is not None and _probe(self._model) != self.probe:
-            return False
+            return None
         sizes: dict[str, int] = {}
         for value, expected in zip(flat, self.leaves):
             if isinstance(expected, _TensorSpec):
                 if not isinstance(value, torch.Tensor) or value.dtype != expected.dtype:
-                    return False
+                    return None
                 if value.device != expected.device or value.dim() != len(expected.dims):
-                    return False
+                    return None
                 for size, dim in zip(value.shape, expected.dims):
                     if isinstance(dim, int):
                         if size != dim:
-                            return False
+                            return None
                     elif sizes.setdefault(dim, size) != size or not self._in_range(dim, size):
-                        return False
+                        return None
             elif isinstance(value, torch.Tensor) or not _same_value(value, expected):
-                return False
-        return True
+                return None
+        return flat
 
     def _in_range(self, symbol: str, size: int) -> bool:
         low, high = self.ranges.get(symbol, (0, float("inf")))
