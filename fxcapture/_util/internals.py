@@ -290,8 +290,16 @@ def _watch_by_tracing(watches: Callable, on_return: Callable) -> Iterator[None]:
             on_return(frame)
         return local
 
+    decided: dict[Any, bool] = {}  # code -> watched; lives as long as this block
+    known = decided.get
+
     def trace(frame: Any, event: str, arg: Any) -> Any:
-        if not watches(frame.f_code):  # the common case: nothing else per foreign frame
+        # called for every frame export runs (millions): one dict lookup, no further call
+        code = frame.f_code
+        watched = known(code)
+        if watched is None:
+            watched = decided[code] = watches(code)
+        if not watched:
             return None
         frame.f_trace_lines = False
         return local
