@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from .._util.tree import all_leaves, leaves, map_all, tree_map
 from .aliasing import written_bases
-from .attention import ExplicitAttentionMode
+from .attention import PROBS, PROBS_MEAN, ExplicitAttentionMode
 from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
@@ -83,7 +83,8 @@ class _Collector:
         self._seen: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
         self._handles: list[Any] = []
         self._watching = contextlib.ExitStack()
-        self.attention = ExplicitAttentionMode(self._on_probs) if attention else None
+        on_mean = self._on_mean if wants is None or wants(PROBS_MEAN) else None  # an op only if selectable
+        self.attention = ExplicitAttentionMode(self._on_probs, on_mean) if attention else None
 
     def _tag_tree(self, prefix: str, tree: Any) -> Any:
         """``tree`` with each tensor replaced by its key (tagged now) and each other
@@ -105,10 +106,13 @@ class _Collector:
             self._seen[ident] = (v, key)
         return key
 
-    def _on_probs(self, probs: torch.Tensor) -> None:
+    def _on_probs(self, probs: torch.Tensor, name: str = PROBS) -> None:
         module = self.stack[-1] if self.stack else ""
         value = self._tag_tree(f"l|{len(self.locals)}", probs)
-        self.locals.append(LocalRecord(module, "scaled_dot_product_attention", "attn_probs", value))
+        self.locals.append(LocalRecord(module, "scaled_dot_product_attention", name, value))
+
+    def _on_mean(self, mean: torch.Tensor) -> None:
+        self._on_probs(mean, PROBS_MEAN)
 
     def _assign_buffer(self, module: torch.nn.Module, name: str, new: Any) -> Any:
         """``sub.buf = new`` in a submodule's forward: export keeps only the root's

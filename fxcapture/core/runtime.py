@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .._util.tree import leaves, tree_map
-from .attention import ExplicitAttentionMode
+from .attention import PROBS, PROBS_MEAN, ExplicitAttentionMode
 from .edit import apply_edit
 from .frames import FrameFilter
 from .._util.internals import chain_profile, tensor_version
@@ -244,12 +244,15 @@ class RuntimeCapture:
         if self.attention is None:
             return contextlib.nullcontext()
 
-        def on_probs(probs: torch.Tensor) -> None:
-            if session.depth and session.is_current():  # inside an untraced region
-                owner = session.stack[-1] if session.stack else ""
-                self._observe(session, LOCAL, owner, "scaled_dot_product_attention", "attn_probs", probs)
+        def observer(name: str) -> Callable[[torch.Tensor], None]:
+            def observe(probs: torch.Tensor) -> None:
+                if session.depth and session.is_current():  # inside an untraced region
+                    owner = session.stack[-1] if session.stack else ""
+                    self._observe(session, LOCAL, owner, "scaled_dot_product_attention", name, probs)
 
-        return ExplicitAttentionMode(on_probs)
+            return observe
+
+        return ExplicitAttentionMode(observer(PROBS), observer(PROBS_MEAN))
 
     def _edits_for(self, path: str) -> list[Any]:
         """The edits selecting the output of module ``path``, in dict order."""

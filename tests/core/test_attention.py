@@ -361,3 +361,35 @@ def test_runtime_mode_reports_unfused_softmax_before_dropout_and_cast():
         out, probs, _ = attention(q, k, v)
     assert len(maps) == 1 and torch.equal(maps[0], probs)
     torch.testing.assert_close(out, (q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("fallback", ["never", "always"])
+def test_multihead_attention_mean_of_heads_under_every_tracer(fallback):
+    """``attn_probs_mean`` of an ``nn.MultiheadAttention`` comes from run-time capture too,
+    equal to the weights the module itself returns (averaged over heads)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    attn = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.attn = model, attn
+
+        def forward(self, x):
+            h = self.pre(x)
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    block = Block().eval()
+    ex = capture(block, ["attn:attn_probs", "attn:attn_probs_mean"], fallback=fallback)
+    for n in (3, 5):
+        x = torch.randn(2, n, 8)
+        with torch.no_grad():
+            out, feats = ex(x)
+            h = model(x)
+            expected_out, expected_mean = attn(h, h, h, need_weights=True)
+            _, per_head = attn(h, h, h, need_weights=True, average_attn_weights=False)
+        torch.testing.assert_close(out, expected_out)
+        assert list(feats) == ["attn:attn_probs", "attn:attn_probs_mean"]
+        torch.testing.assert_close(feats["attn:attn_probs"], per_head)
+        torch.testing.assert_close(feats["attn:attn_probs_mean"], expected_mean)
