@@ -339,3 +339,25 @@ def test_the_readme_order_inside_core_matches_the_imports(graph):
         if i.source in floors and i.target in floors and floors[i.target] > floors[i.source]
     ]
     assert not upward, "a core module imports a later stage:\n" + "\n".join(upward)
+
+
+def cyclomatic_complexity(function: ast.AST) -> int:
+    """McCabe's count, strictly: one plus each branch (``if``, loop, ``except``,
+    conditional expression, comprehension filter) and each extra operand of ``and``/``or``."""
+    count = 1
+    for node in ast.walk(function):
+        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler, ast.IfExp)):
+            count += 1
+        elif isinstance(node, ast.BoolOp):
+            count += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            count += len(node.ifs)
+    return count
+
+
+@pytest.mark.parametrize("module, name", [("core/build.py", "choose_trace"), ("core/policy.py", "decide")])
+def test_the_tracer_choice_stays_simple(module, name):
+    """The tracer choice reads as a table (``policy.decide``) and one driver (issue 23: below 15)."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    assert cyclomatic_complexity(function) < 15, (module, name, cyclomatic_complexity(function))

@@ -243,9 +243,8 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
     Inside this mode every ``F.scaled_dot_product_attention`` call is computed by
     :func:`explicit_sdpa`, every ``nn.MultiheadAttention`` call computes its per-head
     weights (its fast path is off while a mode is active), and ``on_probs(probs)`` is
-    called with the probabilities ``(B, heads, L, S)`` of each call (and, for a
-    MultiheadAttention call, ``on_mean(mean over heads)`` after it, the graph's
-    ``attn_probs_mean``). Callers get what the original call returned.
+    called with the probabilities ``(B, heads, L, S)`` of each call (``on_mean`` with their
+    mean over heads for MultiheadAttention). Callers get what the original call returned.
 
     Example::
 
@@ -254,11 +253,9 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
         ...     out = model(input_ids)
     """
 
-    def __init__(self, on_probs: Callable[[torch.Tensor], None],
-                 on_mean: Callable[[torch.Tensor], None] | None = None) -> None:  # fmt: skip
+    def __init__(self, on_probs: Callable[[torch.Tensor], None], on_mean: Callable | None = None) -> None:
         super().__init__()
-        self.on_probs = on_probs
-        self.on_mean = on_mean
+        self.on_probs, self.on_mean = on_probs, on_mean
         # unfused attention: id(softmax output, or a dropout/cast of it) -> (it, softmax output)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -271,10 +268,9 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             result, probs = _mha_call_with_weights(func, args, kwargs)
             self.on_probs(probs)
-            if self.on_mean is not None:  # the very tensor returned when the caller asked for it
-                weights = result[1]
-                self.on_mean(weights if weights is not None and weights.dim() == probs.dim() - 1
-                             else probs.mean(dim=-3))  # fmt: skip
+            if self.on_mean is not None:  # the very weights returned when the caller averaged them
+                averaged = result[1] is not None and result[1].dim() < probs.dim()
+                self.on_mean(result[1] if averaged else probs.mean(dim=-3))
             return result
         out = func(*args, **kwargs)
         self._follow_unfused(func, args, out)

@@ -281,6 +281,28 @@ def needs_running(model: torch.nn.Module) -> bool:
     )
 
 
+def _trace_known_running(
+    model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None, wants: Any
+) -> Trace | None:
+    """A model known to need the running tracer (:func:`needs_running`), without hooks:
+    traced by running with no symbolic attempt first (it would fail or be rejected).
+    ``None`` when that does not apply or fails: :func:`choose_trace`'s policy decides, and
+    says why."""
+    if example is None or spec.fallback == "always" or not needs_running(model):
+        return None
+    if global_hooks() or has_hooks(model) or hooked_modules(model):  # the policy makes hooked modules leaves
+        return None
+    try:
+        running, guard = trace_by_running(model, *example, attention=spec.attention, wants=wants)
+    except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
+        raise
+    except Exception:
+        return None
+    why = (f"the model: {type(model).__name__} is a transformers model, whose forward (wrapped by "
+           "decorators, reading its config, caches and masks) fx cannot follow; fx is not tried")
+    return Trace(running, build_catalogue(running, model), {}, RUNNING, guard, [why])
+
+
 def choose_trace(
     model: torch.nn.Module, spec: CaptureSpec, example: tuple[tuple, dict] | None = None, *, listing: bool = False
 ) -> Trace | None:
@@ -292,19 +314,9 @@ def choose_trace(
     select (each kept value costs the export an op); ``listing=True`` keeps every one.
     """
     wants = None if listing else wanted_locals([s for _, s in selector_pairs(spec.names)] + list(spec.edit or {}))
-    if example is not None and spec.fallback != "always" and needs_running(model) and not (
-        global_hooks() or has_hooks(model) or hooked_modules(model)
-    ):
-        try:  # no symbolic attempt first: it would fail or be rejected
-            running, guard = trace_by_running(model, *example, attention=spec.attention, wants=wants)
-        except (OSError, MemoryError):  # the machine's trouble (a timeout, a full disk), not the model's
-            raise
-        except Exception:  # the policy below decides, and says why
-            pass
-        else:
-            why = (f"the model: {type(model).__name__} is a transformers model, whose forward (wrapped by "
-                   "decorators, reading its config, caches and masks) fx cannot follow; fx is not tried")
-            return Trace(running, build_catalogue(running, model), {}, RUNNING, guard, [why])
+    direct = _trace_known_running(model, spec, example, wants)
+    if direct is not None:
+        return direct
     attempt, result, error = attempt_symbolic(model, spec, example is not None)
     decision, guard = decide(attempt), None
     if decision.tracer == RUNNING:
