@@ -70,6 +70,13 @@ def _same(a: Any, b: Any) -> bool:
     )
 
 
+def _is_torch_leaf(module: torch.nn.Module) -> bool:
+    """A torch.nn module that ``torch.fx`` records as one node (its ``Tracer.is_leaf_module``)."""
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
+        module, torch.nn.Sequential
+    )
+
+
 class _Clock(torch.overrides.TorchFunctionMode):
     """Execution order at run time: each tensor a torch function returns gets the next
     tick (as a graph numbers its nodes), so run-time observations sort like the graph's."""
@@ -89,6 +96,16 @@ class _Clock(torch.overrides.TorchFunctionMode):
         for t in leaves(out):
             self._ticks[id(t)] = (self.tick, weakref.ref(t))
         return out
+
+    def settle(self, output: Any, inputs: Any) -> None:
+        """Give the tensors ``output`` made (not among ``inputs``) one new tick: what a graph
+        sees of a leaf module, one node whose outputs come after it (``getitem`` nodes)."""
+        given = {id(t) for t in leaves(inputs)}
+        fresh = [t for t in leaves(output) if id(t) not in given]
+        if len(fresh) > 1:
+            self.tick += 1
+            for t in fresh:
+                self._ticks[id(t)] = (self.tick, weakref.ref(t))
 
     def position(self, value: Any) -> int:
         """The latest tick of the tensors in ``value`` (-1: none made during this call)."""
@@ -305,6 +322,8 @@ class RuntimeCapture:
                 key = path if self.calls.get(path, 1) <= 1 else f"{path}@{call}"
                 for edit in edits:
                     output = apply_edit(edit, output, key)
+            if _is_torch_leaf(module):  # ordered as the symbolic graph orders what it returns
+                session.clock.settle(output, args)
             self._observe(session, MODULE, path, type(module).__name__, "", output)
             return output if edits else None
 

@@ -114,10 +114,6 @@ CALLS = 3
 TOY_GAPS = {
     "InplaceModules": "run time orders a local that an in-place leaf module wrote (`shifted`) "
                       "after the module; the graph keeps the op that made it first",
-    "PackedLSTM": "run time orders locals unpacked from a leaf module's tuple output by the "
-                  "tick of their tensors, the graph after the module (getitem nodes)",
-    "SelfAttention": "run time orders `_` (the weights unpacked from MultiheadAttention's tuple output) "
-                     "by the tick of its tensor, before the module; the graph after it (a getitem node)",
     "UnusedBranch": "the graph tracers drop dead locals (`orphan`), run time keeps them",
 }
 
