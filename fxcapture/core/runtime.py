@@ -72,9 +72,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _is_torch_leaf(module: torch.nn.Module) -> bool:
     """A torch.nn module that ``torch.fx`` records as one node (its ``Tracer.is_leaf_module``)."""
-    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
-        module, torch.nn.Sequential
-    )
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and type(module) is not torch.nn.Sequential
 
 
 class _Clock(torch.overrides.TorchFunctionMode):
