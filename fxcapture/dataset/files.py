@@ -199,8 +199,9 @@ def check_output_folder(out: Any, what: str = "out") -> Path:
         raise WriteError(errno.EROFS, f"cannot write {label}: {parent} is on a read-only file system")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise WriteError(errno.EACCES, f"cannot write {label}: permission denied in {parent}; choose another folder")
-    if parent != path:  # try the first folder to make (some file systems refuse what access() allows)
-        probe = parent / path.relative_to(parent).parts[0]
+    if parent != path:  # try making a folder there (some file systems refuse what access() allows);
+        # a name of its own: another process (a second rank) may be making the same --out now
+        probe = parent / f"{TMP_PREFIX}probe-{secrets.token_hex(8)}"
         try:
             os.mkdir(probe)
             os.rmdir(probe)
