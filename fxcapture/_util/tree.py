@@ -149,6 +149,23 @@ def is_container(value: Any) -> bool:
     return children(value) is not None
 
 
+def holds_tensors(value: Any) -> bool:
+    """Is ``value`` a tensor, or a container the tree walk enters (a tuple, a dataclass, a
+    ``ModelOutput``, a registered pytree) holding one? What a local must be to be captured.
+
+    Example::
+
+        >>> holds_tensors((torch.ones(1), 3)), holds_tensors(torch.Size([2])), holds_tensors(nn.ReLU())
+        (True, False, False)
+    """
+    if isinstance(value, torch.Tensor):
+        return True
+    try:
+        return is_container(value) and bool(leaves(value))
+    except Exception:  # a container whose flattening fails cannot be captured
+        return False
+
+
 def first_leaf(value: Any, leaf: Leaf = torch.Tensor) -> Any:
     """The first leaf of type ``leaf`` in ``value``, or ``None``."""
     found = leaves(value, leaf)

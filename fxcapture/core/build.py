@@ -380,6 +380,10 @@ def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) 
     add_feature_outputs(graph, outputs, keep_output=spec.keep_output)
     if not spec.keep_output:
         prune(graph, aliasing)
+    for node in reversed(graph.nodes):  # fxcapture's own reads (copies, reads after writes) left unselected
+        ours = node.meta.get("fxcapture_read") or (node.op == "get_attr" and node.target in result.constants)
+        if ours and not node.users:
+            graph.erase_node(node)
     graph.lint()
     runtime = None
     if runtime_pairs or runtime_edits:

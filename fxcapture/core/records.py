@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .._util.tree import map_nodes, nodes
-from .aliasing import Aliasing, value_at
+from .aliasing import Aliasing, value_after_writes, value_at
 from .trace import TraceResult
 
 MODULE, LOCAL, NODE = "module", "local", "node"
@@ -174,15 +174,15 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
         Observation(MODULE, path, type(modules[path]).__name__ if path in modules else "Module", "", value)
         for path, value in result.module_calls
     ]
-    order = {node: i for i, node in enumerate(result.graph.nodes)}
-    for obs in observations:
-        obs.position = _position(obs.value, order)
     for rec in result.locals:
-        position = _position(rec.value, order)  # where it was made, as run time orders it
         if rec.returned_after is not None:  # in-place writes before the return count
             rec.value = map_nodes(lambda v: value_at(v, rec.returned_after, aliasing), rec.value)
-        observations.append(Observation(LOCAL, rec.module, rec.function, rec.name, rec.value, position))
-    order.update((node, i) for i, node in enumerate(result.graph.nodes))  # with value_at's reads
+    order = {node: i for i, node in enumerate(result.graph.nodes)}  # with value_at's reads
+    for obs in observations:
+        obs.position = _position(obs.value, order)
+    for rec in result.locals:  # a local sorts where the last op writing it ran, as run time orders it
+        observations.append(Observation(LOCAL, rec.module, rec.function, rec.name, rec.value,
+                                        _position(rec.value, order)))
     records, aliases = key_observations(observations, nodes)
     for node in result.graph.nodes:
         if node.op == "output" or node.meta.get("fxcapture_read"):
@@ -198,7 +198,9 @@ def build_catalogue(result: TraceResult, root: torch.nn.Module) -> Catalogue:
 
 
 def _position(value: Any, order: dict) -> int:
-    return max((order.get(n, -1) for n in nodes(value)), default=-1)
+    """The latest op that made or wrote ``value``: a read after writes stands at the write."""
+    return max((order.get(n.args[1] if n.target is value_after_writes else n, -1) for n in nodes(value)),
+               default=-1)  # fmt: skip
 
 
 def nested(catalogue: Catalogue, path: str) -> Catalogue:

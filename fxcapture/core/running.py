@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .._util.tree import all_leaves, leaves, map_all, tree_map
+from .._util.tree import all_leaves, holds_tensors, leaves, map_all, tree_map
 from .aliasing import written_bases
 from .attention import PROBS, PROBS_MEAN, ExplicitAttentionMode
 from .frames import FrameFilter
@@ -187,7 +187,7 @@ class _Collector:
             if name == "self" or name.startswith((".", "__")) or isinstance(value, torch.nn.Module):
                 continue
             if self.wants is not None and not self.wants(name):
-                if isinstance(value, torch.Tensor) or (not isinstance(value, _PLAIN) and _holds_tensor(value)):
+                if holds_tensors(value):
                     self.unselected.add(f"{module}:{name}")
                 continue
             try:
@@ -196,13 +196,6 @@ class _Collector:
                 continue
             if tagged is not None:
                 self.locals.append(LocalRecord(module, function, name, tagged))
-
-
-def _holds_tensor(value: Any) -> bool:
-    try:
-        return bool(leaves(value))
-    except Exception:  # a container that cannot be walked: not capturable
-        return False
 
 
 def _untag(owner: torch.nn.Module, graph: fx.Graph, points: dict[str, fx.Node]) -> dict[str, fx.Node]:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .._util.tree import leaves, tree_map
+from .._util.tree import holds_tensors, leaves, tree_map
 from .attention import PROBS, PROBS_MEAN, ExplicitAttentionMode
 from .edit import apply_edit
 from .frames import FrameFilter
@@ -51,12 +51,6 @@ from .records import LOCAL, MODULE, Catalogue, NameInfo, Observation, key_observ
 from .select import Selector, SelectorPairs, match, match_record, resolve, unknown_selector_error
 
 _ACTIVE = threading.local()  # the session of the extractor call running in this thread
-
-
-def _holds_tensors(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    return isinstance(value, (tuple, list, dict)) and bool(leaves(value))
 
 
 def _clone(value: Any) -> Any:
@@ -83,16 +77,21 @@ class _Clock(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.tick = 0
         self._ticks: dict[int, tuple[int, weakref.ref]] = {}
+        self._writes: dict[int, tuple[int, weakref.ref]] = {}  # by base tensor: the last in-place write
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         first = args[0] if args else None
         version = tensor_version(first) if isinstance(first, torch.Tensor) else None
         out = func(*args, **(kwargs or {}))
-        if out is first and version is not None and tensor_version(out) == version:
+        written = version is not None and tensor_version(first) != version
+        if out is first and not written:
             return out  # an identity (eval dropout): the graph's same node, no new tick
         self.tick += 1
         for t in leaves(out):
             self._ticks[id(t)] = (self.tick, weakref.ref(t))
+        if written:  # `x[i] = v`, `view.mul_(2)`: every view of the base now reads this write
+            base = first if first._base is None else first._base
+            self._writes[id(base)] = (self.tick, weakref.ref(base))
         return out
 
     def settle(self, output: Any, inputs: Any) -> None:
@@ -109,8 +108,10 @@ class _Clock(torch.overrides.TorchFunctionMode):
         """The latest tick of the tensors in ``value`` (-1: none made during this call)."""
         found = [-1]
         for t in leaves(value):
-            tick, ref = self._ticks.get(id(t), (-1, None))
-            found.append(tick if ref is not None and ref() is t else -1)
+            base = t if t._base is None else t._base
+            for ticks, held in ((self._ticks, t), (self._writes, base)):
+                tick, ref = ticks.get(id(held), (-1, None))
+                found.append(tick if ref is not None and ref() is held else -1)
         return max(found)
 
 
@@ -347,7 +348,7 @@ class RuntimeCapture:
         for name, value in frame.f_locals.items():
             if names is not None and name not in names:
                 continue
-            if name == "self" or name.startswith((".", "__")) or not _holds_tensors(value):
+            if name == "self" or name.startswith((".", "__")) or not holds_tensors(value):
                 continue
             self._observe(session, LOCAL, owner, function, name, value, code)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .._util.tree import all_leaves, tree_map
+from .._util.tree import all_leaves, is_container, tree_map
 from .frames import FrameFilter, ProfileScope
 from .hazards import HAZARD_CODES, ModelSnapshot, custom_function
 from .._util.internals import global_hooks
@@ -302,19 +302,29 @@ class CaptureTracer(fx.Tracer):
         self.codes.add(frame.f_code)
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        found = [(name, value) for name, value in frame.f_locals.items()
+                 if name != "self" and not name.startswith((".", "__"))]  # fmt: skip
+        found = [(name, self._constant_local(value)) for name, value in found]
         last = next(reversed(self.graph.nodes), None)
-        for name, value in frame.f_locals.items():
-            if name == "self" or name.startswith((".", "__")):
-                continue
+        for name, value in found:
             if isinstance(value, fx.Proxy):
                 value = value.node
-            elif isinstance(value, (tuple, list, dict)):
+            elif is_container(value):
                 value = _to_nodes(value)
                 if not _is_capturable(value):
                     continue
             else:
                 continue
             self.local_records.append(LocalRecord(module, function, name, value, last))
+
+    def _constant_local(self, value: Any) -> Any:
+        """A tensor fx computed while tracing (``torch.zeros(4) + 1``: no input reaches it)
+        is the same on every call: the graph returns a copy of it, as the model makes a new one."""
+        if not isinstance(value, torch.Tensor) or isinstance(value, (fx.Proxy, torch.nn.Parameter)):
+            return value
+        node = self.create_node("call_function", torch.clone, (self.create_arg(value),), {})
+        node.meta["fxcapture_read"] = True  # fxcapture's copy, not an op of the model: no `%` key
+        return fx.Proxy(node, self)
 
     def _python_state(self, root: torch.nn.Module, state: dict[str, list[str]]) -> None:
         """Modules whose Python state the trace changed run eagerly: the graph would

@@ -378,6 +378,22 @@ class DataclassBetweenModules(nn.Module):
         return self.head(parts.body * parts.tail)
 
 
+@toy(batch(4))
+class ContainersMadeInForward(nn.Module):
+    """Locals that are containers built in forward: a dataclass, a namedtuple, a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        parts = Parts(h.relu(), h.sigmoid())
+        triple = Triple(h, h * 2, 3)
+        table = {"sum": parts.body + parts.tail, "n": 2}
+        return table["sum"] * triple.mid
+
+
 # -- functional calls, grad and autocast regions --------------------------------------------------
 @toy(lambda i: (torch.randn(2 + i, 3, 8, 8),))
 class FunctionalConv(nn.Module):
