@@ -242,18 +242,19 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
 
     Inside this mode every ``F.scaled_dot_product_attention`` call is computed by
     :func:`explicit_sdpa`, every ``nn.MultiheadAttention`` call computes its per-head
-    weights (its fast path is off while a mode is active), and ``on_probs(probs)`` is
-    called with the probabilities ``(B, heads, L, S)`` of each call (``on_mean`` with their
-    mean over heads for MultiheadAttention). Callers get what the original call returned.
+    weights (its fast path is off while a mode is active), and ``on_probs(probs, function)``
+    is called with the probabilities ``(B, heads, L, S)`` of each call and the function that
+    made them, as the graph finder names it (``on_mean`` with their mean over heads for
+    MultiheadAttention). Callers get what the original call returned.
 
     Example::
 
         >>> maps = []
-        >>> with ExplicitAttentionMode(maps.append):
+        >>> with ExplicitAttentionMode(lambda probs, function: maps.append(probs)):
         ...     out = model(input_ids)
     """
 
-    def __init__(self, on_probs: Callable[[torch.Tensor], None], on_mean: Callable | None = None) -> None:
+    def __init__(self, on_probs: Callable[[torch.Tensor, str], None], on_mean: Callable | None = None) -> None:
         super().__init__()
         self.on_probs, self.on_mean = on_probs, on_mean
         # unfused attention: id(softmax output, or a dropout/cast of it) -> (it, softmax output)
@@ -263,14 +264,14 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             out, probs = explicit_sdpa(*args, **kwargs)
-            self.on_probs(probs)
+            self.on_probs(probs, SDPA_FUNCTION)
             return out
         if func is F.multi_head_attention_forward:
             result, probs = _mha_call_with_weights(func, args, kwargs)
-            self.on_probs(probs)
+            self.on_probs(probs, MHA_FUNCTION)
             if self.on_mean is not None:  # the very weights returned when the caller averaged them
                 averaged = result[1] is not None and result[1].dim() < probs.dim()
-                self.on_mean(result[1] if averaged else probs.mean(dim=-3))
+                self.on_mean(result[1] if averaged else probs.mean(dim=-3), MHA_FUNCTION)
             return result
         out = func(*args, **kwargs)
         self._follow_unfused(func, args, out)
@@ -292,7 +293,7 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
                 self._pending[id(out)] = (out, held[1])
         else:
             self._pending = {k: v for k, v in self._pending.items() if v[1] is not held[1]}
-            self.on_probs(held[1])
+            self.on_probs(held[1], SOFTMAX_FUNCTION)
 
     def __exit__(self, *exc: Any) -> Any:
         self._pending.clear()
@@ -323,7 +324,7 @@ def run_exposing_probs(module: torch.nn.Module, paths: tuple[str, ...], *args: A
     candidates = {id(module.get_submodule(p)): p for p in paths}
     found: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
 
-    def on_probs(probs: torch.Tensor) -> None:
+    def on_probs(probs: torch.Tensor, function: str) -> None:
         owner = _calling_module(candidates)
         if owner is not None:
             found[owner].append(probs)
@@ -353,7 +354,7 @@ def run_function_exposing_probs(fn: Callable, *args: Any, **kwargs: Any):
         >>> out, probs = run_function_exposing_probs(shifted_window_attention, x, ...)
     """
     found: list[torch.Tensor] = []
-    with ExplicitAttentionMode(found.append):
+    with ExplicitAttentionMode(lambda probs, function: found.append(probs)):
         output = fn(*args, **kwargs)
     if len(found) != 1:
         raise RuntimeError(f"fxcapture: {fn.__name__} computed {len(found)} attention maps, expected 1")

@@ -378,8 +378,7 @@ def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) 
     clones = protect_from_inplace(graph, captured, aliasing)
     outputs = {key: substitute(value, clones) for key, value in values.items()}
     add_feature_outputs(graph, outputs, keep_output=spec.keep_output)
-    if not spec.keep_output:
-        prune(graph, aliasing)
+    prune(graph, aliasing, whole_model=spec.keep_output)
     for node in reversed(graph.nodes):  # fxcapture's own reads (copies, reads after writes) left unselected
         ours = node.meta.get("fxcapture_read") or (node.op == "get_attr" and node.target in result.constants)
         if ours and not node.users:

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 
 from .runtime import TRACE_UNDER_COMPILE
+from .select import UnknownSelectorError
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
@@ -114,6 +115,26 @@ def _prompt_length(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     return ids.shape[1] if isinstance(ids, torch.Tensor) else 0
 
 
+def _encoder_selector_error(model: torch.nn.Module, err: UnknownSelectorError) -> UnknownSelectorError | None:
+    """What to say of a selector inside an encoder-decoder's encoder: ``generate`` runs the
+    encoder once, through ``get_encoder()``, never through the forward of a step."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(get_encoder):
+        return None
+    encoder = get_encoder()
+    path = next((p for p, m in model.named_modules() if m is encoder and p), None)
+    selector = err.selector
+    if path is None or not isinstance(selector, str) or not selector.startswith((f"{path}.", f"{path}:")):
+        return None
+    inner = selector[len(path):].lstrip(".")
+    return UnknownSelectorError(selector, (
+        f"fxcapture: {selector!r} is inside the encoder ({path!r}) of {type(model).__name__}, which "
+        f"generate runs once, before the steps, through model.get_encoder(), not through the forward "
+        f"of a step. Capture it from the encoder on the prompt: capture(model.get_encoder(), "
+        f"[{inner!r}])(input_ids=ids, attention_mask=mask), and keep only decoder selectors for generate."
+    ))
+
+
 def generate(model: torch.nn.Module, step: Callable[..., tuple[Any, dict]], *args: Any,
              **generate_kwargs: Any) -> tuple[Any, GeneratedFeatures]:  # fmt: skip
     """``model.generate(*args, **generate_kwargs)`` with ``step`` (an extractor of
@@ -159,7 +180,10 @@ def generate(model: torch.nn.Module, step: Callable[..., tuple[Any, dict]], *arg
     view = _view(model, forward)
     if hasattr(step, "compiled_call"):
         view.__dict__["get_compiled_call"] = get_compiled_call
-    result = view.generate(*args, **generate_kwargs)
+    try:
+        result = view.generate(*args, **generate_kwargs)
+    except UnknownSelectorError as err:
+        raise (_encoder_selector_error(model, err) or err) from None
     config = getattr(model, "generation_config", None)
     beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
     return result, GeneratedFeatures(steps, _prompt_length(model, args, generate_kwargs), beams)

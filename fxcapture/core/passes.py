@@ -7,7 +7,8 @@ in-place ops matter) and changes it in place, like ``torch.fx.passes``:
   op (``relu_``, ``nn.ReLU(inplace=True)``, ``x[i] = v``, ``out=``) writes into it
   or into a view of it; otherwise captured tensors are returned without a copy.
 * :func:`add_feature_outputs` makes the graph return ``(output, {key: value})``.
-* :func:`prune` drops everything the new outputs do not need.
+* :func:`prune` drops everything the new outputs do not need (with the model's output
+  kept, only pure ATen ops nothing uses: the masks transformers builds under tracing).
 
 Example::
 
@@ -99,22 +100,27 @@ def substitute(value: Any, replacements: dict[fx.Node, fx.Node]) -> Any:
     return map_nodes(lambda v: replacements.get(v, v), value)
 
 
-def _needed_anyway(node: fx.Node, aliasing: Aliasing) -> bool:
+def _needed_anyway(node: fx.Node, aliasing: Aliasing, whole_model: bool) -> bool:
     """Inputs, outputs, side effects. An ATen op (a running trace) is needed when it
     writes into the model's state or an input; its random ops (dropout), checks and
-    writes into dead tensors go with the values they would make."""
+    writes into dead tensors go with the values they would make. With ``whole_model``
+    (the model's output is kept) every op but a pure ATen one stays, random ops
+    included: the model draws the same random numbers as it does eagerly."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op != "call_function":
-        return False
+        return whole_model and node.op in ("call_module", "call_method")
     if isinstance(node.target, OpOverload):  # see core.aliasing
+        if whole_model and torch.Tag.nondeterministic_seeded in node.target.tags:
+            return True
         target = mutated_input(node, aliasing.modules)
         return target is not None and target.op in ("get_attr", "placeholder")
-    return node.is_impure()
+    return whole_model or node.is_impure()
 
 
-def prune(graph: fx.Graph, aliasing: Aliasing) -> None:
-    """Remove every node the outputs do not need.
+def prune(graph: fx.Graph, aliasing: Aliasing, whole_model: bool = False) -> None:
+    """Remove every node the outputs do not need (``whole_model``: only the pure ATen
+    ops, see :func:`_needed_anyway`).
 
     An in-place op is needed when it writes into memory that a needed node shares
     (fx's own dead-code elimination would drop ``x.relu_()`` whose result is unused).
@@ -130,7 +136,7 @@ def prune(graph: fx.Graph, aliasing: Aliasing) -> None:
                 stack.extend(n.all_input_nodes)
 
     for node in graph.nodes:
-        if _needed_anyway(node, aliasing):
+        if _needed_anyway(node, aliasing, whole_model):
             keep(node)
     grew = True
     while grew:

@@ -106,13 +106,13 @@ class _Collector:
             self._seen[ident] = (v, key)
         return key
 
-    def _on_probs(self, probs: torch.Tensor, name: str = PROBS) -> None:
+    def _on_probs(self, probs: torch.Tensor, function: str, name: str = PROBS) -> None:
         module = self.stack[-1] if self.stack else ""
         value = self._tag_tree(f"l|{len(self.locals)}", probs)
-        self.locals.append(LocalRecord(module, "scaled_dot_product_attention", name, value))
+        self.locals.append(LocalRecord(module, function, name, value))
 
-    def _on_mean(self, mean: torch.Tensor) -> None:
-        self._on_probs(mean, PROBS_MEAN)
+    def _on_mean(self, mean: torch.Tensor, function: str) -> None:
+        self._on_probs(mean, function, PROBS_MEAN)
 
     def _assign_buffer(self, module: torch.nn.Module, name: str, new: Any) -> Any:
         """``sub.buf = new`` in a submodule's forward: export keeps only the root's

@@ -261,10 +261,10 @@ class RuntimeCapture:
             return contextlib.nullcontext()
 
         def observer(name: str) -> Callable[[torch.Tensor], None]:
-            def observe(probs: torch.Tensor) -> None:
+            def observe(probs: torch.Tensor, function: str) -> None:
                 if session.depth and session.is_current():  # inside an untraced region
                     owner = session.stack[-1] if session.stack else ""
-                    self._observe(session, LOCAL, owner, "scaled_dot_product_attention", name, probs)
+                    self._observe(session, LOCAL, owner, function, name, probs)
 
             return observe
 

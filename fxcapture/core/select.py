@@ -321,7 +321,7 @@ def unknown_selector_error(
     return UnknownSelectorError(
         selector,
         f"{selector!r} {what}.{hint}{suggestion} "
-        f"Use {how_to_list} to list all {len(catalogue) + len(catalogue.unselected)} names "
+        f"Use {how_to_list} to list every name "
         "(module paths, 'module:local' variables and '%node' graph nodes)."
     )
 

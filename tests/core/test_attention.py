@@ -284,7 +284,7 @@ def _llama_pair():
 def test_llama_sdpa_runtime_mode_equals_eager_attentions():
     sdpa, eager, ids = _llama_pair()
     maps = []
-    with torch.no_grad(), ExplicitAttentionMode(maps.append):
+    with torch.no_grad(), ExplicitAttentionMode(lambda probs, function: maps.append(probs)):
         out = sdpa(ids)
     with torch.no_grad():
         ref = eager(ids, output_attentions=True)
@@ -328,7 +328,7 @@ def test_runtime_mode_gives_multihead_attention_weights():
     encoder, expected = _encoder_and_reference(x)
     maps = []
     with torch.no_grad():
-        with ExplicitAttentionMode(maps.append):
+        with ExplicitAttentionMode(lambda probs, function: maps.append(probs)):
             out = encoder(x)
         torch.testing.assert_close(out, encoder(x), atol=1e-5, rtol=1e-4)  # fast path outside the mode
     assert len(maps) == 2
@@ -357,7 +357,7 @@ def test_runtime_mode_reports_unfused_softmax_before_dropout_and_cast():
 
     q, k, v = (torch.randn(2, 3, 4, 8) for _ in range(3))
     maps = []
-    with ExplicitAttentionMode(maps.append):
+    with ExplicitAttentionMode(lambda probs, function: maps.append(probs)):
         out, probs, _ = attention(q, k, v)
     assert len(maps) == 1 and torch.equal(maps[0], probs)
     torch.testing.assert_close(out, (q @ k.transpose(-2, -1)).softmax(-1) @ v)

@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import assert_matches_hooks, assert_same, hook_values
 from fxcapture import capture
@@ -119,6 +120,30 @@ def test_pruning_keeps_inplace_ops_the_capture_needs():
     assert out is None
     assert torch.equal(feats[":a"], x * 2 + 1)
     assert not any(getattr(n.target, "__name__", n.target) == "exp" for n in ex.graph.nodes)
+
+
+def test_the_whole_model_graph_drops_dead_pure_ops_and_keeps_its_random_draws():
+    """With the model's output kept, a running trace loses only the ATen ops nothing uses
+    (transformers' masks under tracing): a dead dropout still draws what eager draws."""
+
+    class DeadWork(nn.Module):
+        def forward(self, x):
+            if x.shape[0] > 0:  # fx cannot branch on a shape: traced by running
+                unused = torch.arange(x.shape[1]).unsqueeze(0) * 2  # noqa: F841
+                _noise = F.dropout(x, 0.5, training=True)
+            return x * 2 + torch.rand(x.shape)
+
+    model, x = DeadWork(), torch.randn(3, 4)
+    ex = capture(model, [], example_inputs=(x,))
+    assert ex.tracer == "running"
+    targets = [str(n.target) for n in ex.graph.nodes if n.op == "call_function"]
+    assert not any("arange" in t or "unsqueeze" in t for t in targets), targets
+    assert any("dropout" in t for t in targets), targets
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out, _ = ex(x)
+        torch.manual_seed(seed)
+        assert torch.equal(out, model(x))
 
 
 # -- copies, pickling, dtypes ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import transformers
 import fxcapture.core.extractor as extractor_module
 from conftest import assert_same, hooked
 from fxcapture import capture
+from fxcapture.core.select import UnknownSelectorError
 
 transformers.logging.set_verbosity_error()
 
@@ -201,6 +202,20 @@ def test_generate_on_a_model_without_generate_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="needs a model with a generate method"):
         capture(model, ["0"]).generate(torch.randn(2, 4))
+
+
+def test_an_encoder_selector_names_get_encoder_and_its_advice_works():
+    """T5's encoder runs once, through get_encoder(), not through a step's forward: the error
+    says so, and the capture it advises gives what a hook sees during model.generate."""
+    model, ids = build("t5", "sdpa"), prompt()
+    with pytest.raises(UnknownSelectorError, match=r"get_encoder\(\).*capture\(model.get_encoder\(\), \['block.0'\]\)"):
+        run(capture(model, ["encoder.block.0", "decoder.block.0"]).generate, ids, max_new_tokens=2)
+    with hooked(model, ["encoder.block.0"]) as seen:
+        run(model.generate, ids, max_new_tokens=2)
+    with torch.no_grad():  # generate's own encoder call: ids and the mask it makes of them
+        _, feats = capture(model.get_encoder(), ["block.0"])(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert len(seen["encoder.block.0"]) == 1
+    assert_same(feats["block.0"], seen["encoder.block.0"][0])
 
 
 def test_static_cache_is_updated_in_place_and_traced_once(monkeypatch):
