@@ -318,8 +318,11 @@ class CaptureTracer(fx.Tracer):
             self.local_records.append(LocalRecord(module, function, name, value, last))
 
     def _constant_local(self, value: Any) -> Any:
-        """A tensor fx computed while tracing (``torch.zeros(4) + 1``: no input reaches it)
-        is the same on every call: the graph returns a copy of it, as the model makes a new one."""
+        """A tensor fx computed while tracing (``torch.zeros(4) + 1``: no input reaches it),
+        alone or in a container, is the same on every call: the graph returns a copy of it,
+        as the model makes a new one."""
+        if is_container(value):
+            return tree_map(self._constant_local, value)
         if not isinstance(value, torch.Tensor) or isinstance(value, (fx.Proxy, torch.nn.Parameter)):
             return value
         node = self.create_node("call_function", torch.clone, (self.create_arg(value),), {})

@@ -380,7 +380,8 @@ class DataclassBetweenModules(nn.Module):
 
 @toy(batch(4))
 class ContainersMadeInForward(nn.Module):
-    """Locals that are containers built in forward: a dataclass, a namedtuple, a dict."""
+    """Locals that are containers built in forward: a dataclass, a namedtuple, a dict, a
+    list of constants (no input reaches them)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -391,7 +392,8 @@ class ContainersMadeInForward(nn.Module):
         parts = Parts(h.relu(), h.sigmoid())
         triple = Triple(h, h * 2, 3)
         table = {"sum": parts.body + parts.tail, "n": 2}
-        return table["sum"] * triple.mid
+        grid = [torch.arange(4.0), torch.ones(2) * 3]
+        return table["sum"] * triple.mid + grid[0]
 
 
 # -- functional calls, grad and autocast regions --------------------------------------------------
