@@ -243,9 +243,9 @@ class ExplicitAttentionMode(torch.overrides.TorchFunctionMode):
     Inside this mode every ``F.scaled_dot_product_attention`` call is computed by
     :func:`explicit_sdpa`, every ``nn.MultiheadAttention`` call computes its per-head
     weights (its fast path is off while a mode is active), and ``on_probs(probs, function)``
-    is called with the probabilities ``(B, heads, L, S)`` of each call and the function that
-    made them, as the graph finder names it (``on_mean`` with their mean over heads for
-    MultiheadAttention). Callers get what the original call returned.
+    gets the probabilities ``(B, heads, L, S)`` of each call and the function that made them
+    as the graph finder names it (``on_mean``: their mean over heads for MultiheadAttention).
+    Callers get what the original call returned.
 
     Example::
 
@@ -437,15 +437,6 @@ def expose_attention_weights(result: TraceResult, root: torch.nn.Module, mode: s
 
 
 __all__ = [
-    "ExplicitAttentionMode",
-    "PROBS",
-    "PROBS_MEAN",
-    "attention_output",
-    "attention_probs",
-    "attention_scores",
-    "check_mode",
-    "expose_attention_weights",
-    "explicit_sdpa",
-    "run_exposing_probs",
-    "run_function_exposing_probs",
-]
+    "ExplicitAttentionMode", "PROBS", "PROBS_MEAN", "attention_output", "attention_probs", "attention_scores",
+    "check_mode", "expose_attention_weights", "explicit_sdpa", "run_exposing_probs", "run_function_exposing_probs",
+]  # fmt: skip
