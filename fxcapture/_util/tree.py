@@ -161,7 +161,7 @@ def holds_tensors(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     try:
-        return is_container(value) and bool(leaves(value))
+        return bool(leaves(value))  # nothing for a value that is no container
     except Exception:  # a container whose flattening fails cannot be captured
         return False
 

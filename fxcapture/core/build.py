@@ -379,10 +379,6 @@ def program_from_trace(model: torch.nn.Module, spec: CaptureSpec, trace: Trace) 
     outputs = {key: substitute(value, clones) for key, value in values.items()}
     add_feature_outputs(graph, outputs, keep_output=spec.keep_output)
     prune(graph, aliasing, whole_model=spec.keep_output)
-    for node in reversed(graph.nodes):  # fxcapture's own reads (copies, reads after writes) left unselected
-        ours = node.meta.get("fxcapture_read") or (node.op == "get_attr" and node.target in result.constants)
-        if ours and not node.users:
-            graph.erase_node(node)
     graph.lint()
     runtime = None
     if runtime_pairs or runtime_edits:

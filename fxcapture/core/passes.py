@@ -105,9 +105,12 @@ def _needed_anyway(node: fx.Node, aliasing: Aliasing, whole_model: bool) -> bool
     writes into the model's state or an input; its random ops (dropout), checks and
     writes into dead tensors go with the values they would make. With ``whole_model``
     (the model's output is kept) every op but a pure ATen one stays, random ops
-    included: the model draws the same random numbers as it does eagerly."""
+    included: the model draws the same random numbers as it does eagerly. fxcapture's
+    own reads (copies of constants, reads after writes) stay only where a value uses them."""
     if node.op in ("placeholder", "output"):
         return True
+    if node.meta.get("fxcapture_read"):
+        return False
     if node.op != "call_function":
         return whole_model and node.op in ("call_module", "call_method")
     if isinstance(node.target, OpOverload):  # see core.aliasing

@@ -302,9 +302,8 @@ class CaptureTracer(fx.Tracer):
         self.codes.add(frame.f_code)
         module = self._module_stack[-1] if self._module_stack else ""
         function = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-        found = [(name, value) for name, value in frame.f_locals.items()
+        found = [(name, self._constant_local(value)) for name, value in frame.f_locals.items()
                  if name != "self" and not name.startswith((".", "__"))]  # fmt: skip
-        found = [(name, self._constant_local(value)) for name, value in found]
         last = next(reversed(self.graph.nodes), None)
         for name, value in found:
             if isinstance(value, fx.Proxy):
