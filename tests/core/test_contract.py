@@ -174,6 +174,34 @@ def test_toy_zoo_same_keys_order_values_under_every_fallback(name):
                 assert_same(feats[key], expected[key], exact=False, path=f"{fallback} {key}")
 
 
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_container_and_constant_locals_equal_the_model_written_out(fallback):
+    """A dataclass, a namedtuple, a dict and a list of constants built in forward: each
+    tracer's values equal the model's forward written out, over calls of three sizes,
+    the last after the model's linear layer was swapped."""
+    from toy_models import ContainersMadeInForward
+
+    torch.manual_seed(0)
+    model = ContainersMadeInForward()
+    ex = capture(model, ["parts", "triple", "table", "grid", "lin"], fallback=fallback)
+    for step in range(3):
+        if step == 2:
+            model.lin = nn.Linear(4, 4)  # changed after capture: the next call follows it
+        x = torch.rand(2 + step, 4)
+        out, feats = ex(x)
+        with torch.no_grad():
+            h = model.lin(x)
+            body, tail = h.relu(), h.sigmoid()
+            expected = {":parts": (body, tail), ":triple": (h, h * 2, 3), ":table": {"sum": body + tail, "n": 2},
+                        ":grid": [torch.arange(4.0), torch.ones(2) * 3], "lin": h}  # fmt: skip
+            assert_same(out.detach(), model(x), exact=False)
+        assert set(feats) == set(expected), (fallback, list(feats))
+        for key, value in expected.items():
+            got = feats[key]
+            got = (got.body, got.tail) if key == ":parts" else tuple(got) if key == ":triple" else got
+            assert_same(got, value, exact=False, path=f"{fallback} {key} call {step}")
+
+
 # -- the transformers zoo -----------------------------------------------------------------
 def _zoo_params():
     from hf_models import CI_HF, CONFIGS
