@@ -56,6 +56,11 @@ def tree_spec(kind: type, context: Any, children: list) -> pytree.TreeSpec:
     return pytree.TreeSpec(kind, context, children)
 
 
+def flatten_fn(kind: type) -> Callable:
+    """The flatten function registered for pytree node type ``kind`` (torch 2.14.1)."""
+    return pytree.SUPPORTED_NODES[kind].flatten_fn
+
+
 def unflatten_fn(kind: type) -> Callable:
     """The unflatten function registered for pytree node type ``kind`` (torch 2.14.1)."""
     return pytree.SUPPORTED_NODES[kind].unflatten_fn

@@ -27,6 +27,7 @@ from .guards import InputGuard, ModelGuard
 from .hazards import has_hooks, hooked_modules
 from .._util.internals import global_hooks, output_spec, pytree
 from .policy import LATER, RAISE, RUN_TIME, RUNNING, Attempt, decide
+from .pytrees import StateOutput, write_back
 from .passes import add_feature_outputs, protect_from_inplace, prune, substitute
 from .records import Catalogue, NameInfo, build_catalogue, nested
 from .running import trace_by_running
@@ -57,23 +58,31 @@ class Program:
     def accepts(self, args: tuple, kwargs: dict) -> bool:
         return self.guard is None or self.guard.accepts(args, kwargs)
 
-    def run_flat(self, flat: list) -> tuple[Any, dict]:
+    def run_flat(self, flat: list, given: list | None = None) -> tuple[Any, dict]:
         """Run the graph on inputs its input guard flattened already
         (:meth:`~.guards.InputGuard.flat_inputs`): a decoding step flattens its cache once.
+        ``given``: the call's state objects (:meth:`~.guards.InputGuard.states`), which the
+        output holds updated, as the model's own output does (:func:`~.pytrees.write_back`).
 
         Example::
 
             >>> flat = program.guard.flat_inputs((), {"input_ids": next_id, "cache": cache})
-            >>> out, feats = program.run_flat(flat)
+            >>> out, feats = program.run_flat(flat, [cache])     # out.cache is cache
         """
         if self._flat is None:  # made on first use: only programs called with a guard need it
             graph = copy.deepcopy(self.module.graph)
             spec = output_spec(graph)
             graph.set_codegen(fx.graph.CodeGen())  # inputs flat, outputs a flat tuple
-            self._flat = (fx.GraphModule(self.module, graph, class_name="ExtractedFlat"), spec)
-        module, spec = self._flat
+            state = StateOutput.of(spec) if spec is not None else None
+            self._flat = (fx.GraphModule(self.module, graph, class_name="ExtractedFlat"), spec, state)
+        module, spec, state = self._flat
         out = module(*flat)
-        return pytree.tree_unflatten(list(out), spec) if spec is not None else out
+        if spec is None:
+            return out
+        if given and state is not None:
+            return state(list(out), given)
+        out, feats = pytree.tree_unflatten(list(out), spec)
+        return (write_back(given, out) if given else out), feats
 
     @property
     def graph(self) -> fx.Graph | None:

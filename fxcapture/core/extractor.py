@@ -309,17 +309,19 @@ class Extractor(torch.nn.Module):
         program, args, kwargs, flat = self._select(program, args, kwargs)
         if program is not self._program:  # what names, explain() and graph show
             self._program = program
-        runtime = program.runtime
+        runtime, guard = program.runtime, program.guard
+        given = guard.states(args, kwargs) if guard is not None else []  # the caller's caches
         if runtime is None and flat is not None and not torch.compiler.is_dynamo_compiling():
-            out, feats = program.run_flat(flat)  # the inputs are flattened once per call
-        elif runtime is None:
-            out, feats = program.module(*args, **kwargs)
+            out, feats = program.run_flat(flat, given)  # flattened once; the caches updated in place
         else:
-            with runtime.session() as session:
+            if runtime is None:
                 out, feats = program.module(*args, **kwargs)
-            feats.update(runtime.collect(session))
-        if program.guard is not None and program.guard.stateful:  # the caller's cache, updated
-            out = write_back((args, kwargs), out)
+            else:
+                with runtime.session() as session:
+                    out, feats = program.module(*args, **kwargs)
+                feats.update(runtime.collect(session))
+            if given:
+                out = write_back(given, out)
         if root_hooks:
             out = run_hooks(model, args, kwargs, out)
         return out, feats

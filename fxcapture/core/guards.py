@@ -27,7 +27,7 @@ from .._util.internals import pytree
 
 from .frames import is_user_hook
 
-from .pytrees import state_objects
+from .pytrees import spec_walker, state_objects
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ class _TensorSpec:
     dims: tuple  # an int (static) or a symbol name (dynamic) per dimension
 
 
-def _probe(model: torch.nn.Module) -> tuple | None:
+def _first_tensor(model: torch.nn.Module) -> torch.Tensor | None:
+    return next(itertools.chain(model.parameters(), model.buffers()), None)
+
+
+def _probe(t: torch.Tensor | None) -> tuple | None:
     """dtype and device of the model's first tensor: a graph bakes them in casts."""
-    for t in model.parameters():
-        return (t.dtype, t.device)
-    for t in model.buffers():
-        return (t.dtype, t.device)
-    return None
+    return None if t is None else (t.dtype, t.device)
 
 
 def _dim(size: Any) -> int | str | None:
@@ -76,9 +76,13 @@ class InputGuard:
         self.leaves = leaves
         self.ranges = ranges
         self.probe = probe
-        self._model = model
+        # the very tensor, not looked up again per call: the model guard checked beside
+        # this one (ModelGuard) sees any parameter or buffer replaced
+        self._probed = _first_tensor(model)
         self.kwarg_names = list(spec.child(1).context) if spec.num_children == 2 else []
         self.stateful = False  # the inputs hold state objects (a cache) the model updates
+        self._walk = None  # a fast flatten of inputs shaped as the example (see pytrees.spec_walker)
+        self._states_at: list | None = None  # where the state objects are among the arguments
 
     @classmethod
     def from_export(cls, unlifted: torch.nn.Module, exported: Any, args: tuple, kwargs: dict,
@@ -100,8 +104,16 @@ class InputGuard:
             str(symbol): (float(r.lower), float(r.upper))  # float: int_oo is inf
             for symbol, r in exported.range_constraints.items()
         }
-        guard = cls(spec, leaves, ranges, _probe(model), model)
-        guard.stateful = bool(state_objects((args, kwargs)))
+        guard = cls(spec, leaves, ranges, _probe(_first_tensor(model)), model)
+        states = state_objects((args, kwargs))
+        guard.stateful = bool(states)
+        at = [(None, i) for i, a in enumerate(args) if any(a is x for x in states)]
+        at += [(k, None) for k, v in kwargs.items() if any(v is x for x in states)]
+        guard._states_at = at if len(at) == len(states) else None  # all arguments themselves
+        walk, walked = spec_walker(spec), []
+        if walk((tuple(args), dict(kwargs)), walked) and len(walked) == len(flat):
+            if all(map(operator.is_, walked, flat)):  # it flattens the example as pytree does
+                guard._walk = walk
         return guard
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
@@ -113,10 +125,12 @@ class InputGuard:
         (else ``None``): a caller runs the graph on them without flattening them again."""
         if list(kwargs) != self.kwarg_names and set(kwargs) == set(self.kwarg_names):
             kwargs = {k: kwargs[k] for k in self.kwarg_names}  # keyword order does not matter
-        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        if spec != self.spec or len(flat) != len(self.leaves):
-            return None
-        if self.probe is not None and _probe(self._model) != self.probe:
+        flat: list = []
+        if self._walk is None or not self._walk((tuple(args), dict(kwargs)), flat):
+            flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+            if spec != self.spec or len(flat) != len(self.leaves):
+                return None
+        if self.probe is not None and _probe(self._probed) != self.probe:
             return None
         sizes: dict[str, int] = {}
         for value, expected in zip(flat, self.leaves):
@@ -134,6 +148,14 @@ class InputGuard:
             elif isinstance(value, torch.Tensor) or not _same_value(value, expected):
                 return None
         return flat
+
+    def states(self, args: tuple, kwargs: dict) -> list:
+        """The state objects (caches) of a call this guard accepts, in pytree order."""
+        if not self.stateful:
+            return []
+        if self._states_at is None:
+            return state_objects((args, kwargs))
+        return [args[i] if k is None else kwargs[k] for k, i in self._states_at]
 
     def _in_range(self, symbol: str, size: int) -> bool:
         low, high = self.ranges.get(symbol, (0, float("inf")))

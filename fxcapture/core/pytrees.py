@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import collections
 import importlib
+import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .._util.internals import pytree, tree_spec, unflatten_fn
+from .._util.internals import flatten_fn, pytree, tree_spec, unflatten_fn
 
-# transformers.exporters.exporter_dynamo's unflatten of Cache objects (transformers 5)
+# transformers.exporters.exporter_dynamo's flatten and unflatten of Cache objects (transformers 5)
+_CONTEXT_FLATTEN = ("transformers.exporters.exporter_dynamo", "_pytree_flatten")
 _IMPORTING_UNFLATTEN = ("transformers.exporters.exporter_dynamo", "_pytree_unflatten")
+
+
+def _named(fn: Any) -> tuple:
+    return getattr(fn, "__module__", None), getattr(fn, "__name__", None)
 
 
 class Rebuilt:
@@ -60,7 +66,7 @@ def compilable_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
         return spec
     children = [compilable_spec(c) for c in spec.children()]
     unflatten = unflatten_fn(spec.type)
-    if (getattr(unflatten, "__module__", None), getattr(unflatten, "__name__", None)) == _IMPORTING_UNFLATTEN:
+    if _named(unflatten) == _IMPORTING_UNFLATTEN:
         rebuilt = _rebuilt_node(spec, children, unflatten)
         if rebuilt is not None:
             return rebuilt
@@ -151,6 +157,106 @@ def _from_context(ctx: Any, leaves: list, classes: dict[str, type]) -> Any:
     raise TypeError(f"unknown tag {tag!r} in an output context")
 
 
+Walker = Callable[[Any, list], bool]
+
+
+def spec_walker(spec: pytree.TreeSpec) -> Walker:
+    """A function ``walk(value, leaves)`` that appends the leaves of ``value`` to ``leaves``
+    if ``value`` has the structure ``spec`` describes (``False`` if not, or not provably).
+
+    ``pytree.tree_flatten`` then ``==`` on the specs says the same, but builds the whole
+    context of every node first: a transformers ``Cache`` serialises itself to a JSON-like
+    dict at each call. The walker compares such a node attribute by attribute against the
+    context it was compiled from, and stops at the first difference. A caller checks it
+    once against ``tree_flatten`` (the same leaves, in order) before trusting it.
+
+    Example::
+
+        >>> walk = spec_walker(pytree.tree_structure(((), {"ids": ids, "cache": cache})))
+        >>> leaves = []
+        >>> walk(((), {"ids": next_id, "cache": cache}), leaves)   # cache.layers[0].keys ...
+        True
+    """
+    if spec.is_leaf():
+        return _append_leaf
+    children = [spec_walker(c) for c in spec.children()]
+    kind, context = spec.type, spec.context
+    if kind is collections.namedtuple:  # pytree's node of every namedtuple: its class is the context
+        kind = context
+    if kind in (tuple, list) or kind is context:
+        count = len(children)
+        return lambda v, out: type(v) is kind and len(v) == count and all(map(_call, children, v, _repeat(out)))
+    if kind is dict:
+        keys = list(context)
+        return lambda v, out: (
+            type(v) is dict and list(v) == keys and all(map(_call, children, v.values(), _repeat(out)))
+        )
+    flatten = flatten_fn(kind)
+    matcher = _context_matcher(context) if _named(flatten) == _CONTEXT_FLATTEN else None
+    if matcher is not None:  # a transformers object: its tensors are its children, in order
+        return lambda v, out: type(v) is kind and matcher(v, out)
+
+    def node(v: Any, out: list) -> bool:
+        if type(v) is not kind:
+            return False
+        items, ctx = flatten(v)
+        return ctx == context and len(items) == len(children) and all(map(_call, children, items, _repeat(out)))
+
+    return node
+
+
+def _append(v: Any, out: list) -> bool:
+    out.append(v)
+    return True
+
+
+def _append_leaf(v: Any, out: list) -> bool:
+    """A leaf of pytree: anything but a registered node or a tuple (namedtuples are nodes)."""
+    if type(v) in pytree.SUPPORTED_NODES or isinstance(v, tuple):
+        return False
+    out.append(v)
+    return True
+
+
+def _call(walk: Walker, v: Any, out: list) -> bool:
+    return walk(v, out)
+
+
+def _repeat(x: Any) -> Any:
+    return itertools.repeat(x)
+
+
+def _context_matcher(ctx: Any) -> Walker | None:
+    """A walker for a value transformers' generic flatten turned into ``ctx``; ``None``
+    for a context holding what the matcher does not compare (symbols, sets, mappings)."""
+    if ctx is None or type(ctx) in (bool, int, float, str):
+        kind = type(ctx)
+        return lambda v, out: type(v) is kind and v == ctx
+    if type(ctx) is list or (type(ctx) is dict and "_t" not in ctx):
+        keys = list(range(len(ctx))) if type(ctx) is list else list(ctx)
+        parts = [_context_matcher(ctx[k]) for k in keys]
+        if None in parts:
+            return None
+        if type(ctx) is list:
+            return lambda v, out: type(v) is list and len(v) == len(parts) and all(map(_call, parts, v, _repeat(out)))
+        return lambda v, out: type(v) is dict and list(v) == keys and all(map(_call, parts, v.values(), _repeat(out)))
+    tag = ctx["_t"]
+    if tag == "tensor":
+        return lambda v, out: isinstance(v, torch.Tensor) and _append(v, out)
+    if tag in ("dtype", "device"):
+        value = getattr(torch, ctx["n"]) if tag == "dtype" else torch.device(ctx["s"])
+        return lambda v, out: type(v) is type(value) and v == value
+    if tag == "obj":
+        cls, names = _resolve(ctx["p"]), list(ctx["s"])
+        parts = [_context_matcher(ctx["s"][k]) for k in names]
+        if None in parts or not hasattr(cls, "__dict__"):
+            return None
+        return lambda v, out: (
+            type(v) is cls and list(vars(v)) == names and all(map(_call, parts, vars(v).values(), _repeat(out)))
+        )
+    return None
+
+
 _CONTAINERS = (tuple, list, dict)
 _BUILTIN_CONTAINERS = (tuple, list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
 
@@ -173,9 +279,17 @@ def state_objects(tree: Any) -> list:
     return [x for x in pytree.tree_leaves(tree, is_leaf=is_state_object) if is_state_object(x)]
 
 
-def write_back(inputs: Any, output: Any) -> Any:
+def _by_type(given: list) -> dict[type, list]:
+    pending: dict[type, list] = {}
+    for x in given:
+        pending.setdefault(type(x), []).append(x)
+    return pending
+
+
+def write_back(given: list, output: Any) -> Any:
     """``output`` with each state object replaced by the caller's object of the same type
-    in ``inputs`` (paired in order), updated to the state the graph returned.
+    in ``given`` (the state objects of the call, :func:`state_objects`, paired in order),
+    updated to the state the graph returned.
 
     A model updates the cache it is given and returns that very object; a graph returns
     a new object rebuilt from flat tensors. Writing the new state into the caller's
@@ -184,13 +298,11 @@ def write_back(inputs: Any, output: Any) -> Any:
     Example::
 
         >>> out, feats = program.module(input_ids=next_id, cache=cache)
-        >>> write_back({"cache": cache}, out).cache is cache
+        >>> write_back([cache], out).cache is cache
         True
     """
-    given: dict[type, list] = {}
-    for x in state_objects(inputs):
-        given.setdefault(type(x), []).append(x)
-    if not given:
+    pending = _by_type(given)
+    if not pending:
         return output
 
     def swap(y: Any) -> Any:
@@ -205,14 +317,95 @@ def write_back(inputs: Any, output: Any) -> Any:
             if all(a is b for a, b in zip(items, y)):
                 return y
             return type(y)(*items) if hasattr(y, "_fields") else type(y)(items)
-        pending = given.get(type(y)) if is_state_object(y) else None
-        if not pending:
+        waiting = pending.get(type(y)) if is_state_object(y) else None
+        if not waiting:
             return y
-        x = pending.pop(0)
+        x = waiting.pop(0)
         _assign(x, y)
         return x
 
     return swap(output)
+
+
+class StateOutput:
+    """A graph's flat outputs to its ``(output, feats)``, writing the state objects of the
+    output (``Rebuilt`` nodes) straight into the caller's objects: what
+    :func:`write_back` gives, without building a new cache first. ``None`` from
+    :meth:`of` when the output holds state objects of another kind.
+
+    Example::
+
+        >>> out, feats = StateOutput.of(spec)(graph(*flat), [cache])   # out.cache is cache
+    """
+
+    def __init__(self, outer: pytree.TreeSpec, cuts: list[tuple[int, int, RebuildContext]]) -> None:
+        self.outer, self.cuts = outer, cuts  # cuts: (first leaf, leaf count, context) per node
+
+    @classmethod
+    def of(cls, spec: pytree.TreeSpec) -> "StateOutput | None":
+        cuts: list = []
+        if spec.type is not tuple or spec.num_children != 2:
+            return None
+        output, feats = spec.children()
+        outer = tree_spec(spec.type, spec.context, [_collapse(output, cuts, [0]), feats])
+        if not cuts or state_specs(outer):
+            return None
+        return cls(outer, cuts)
+
+    def __call__(self, leaves: list, given: list) -> Any:
+        pending, values, at = _by_type(given), [], 0
+        for first, count, ctx in self.cuts:
+            values += leaves[at:first]
+            own = leaves[first : first + count]  # the context numbers the node's own leaves
+            objects = pending.get(ctx.classes[ctx.context["p"]]) if ctx.context.get("_t") == "obj" else None
+            if objects:
+                values.append(objects.pop(0))
+                _write(values[-1], ctx.context, own, ctx.classes)
+            else:  # no object of the caller's: the model would return a new one too
+                values.append(_from_context(ctx.context, own, ctx.classes))
+            at = first + count
+        values += leaves[at:]
+        return pytree.tree_unflatten(values, self.outer)
+
+
+def _collapse(spec: pytree.TreeSpec, cuts: list, at: list) -> pytree.TreeSpec:
+    """``spec`` with each ``Rebuilt`` node a leaf, recording where its leaves were."""
+    if spec.is_leaf():
+        at[0] += 1
+        return spec
+    if spec.type is Rebuilt:
+        cuts.append((at[0], spec.num_leaves, spec.context))
+        at[0] += spec.num_leaves
+        return pytree.tree_structure(0)
+    return tree_spec(spec.type, spec.context, [_collapse(c, cuts, at) for c in spec.children()])
+
+
+def state_specs(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    """The nodes of state objects in ``spec`` (not inside one another): :func:`state_objects`
+    of a spec."""
+    if spec.is_leaf():
+        return []
+    kind = spec.type
+    if isinstance(kind, type) and kind in pytree.SUPPORTED_NODES and not issubclass(kind, _BUILTIN_CONTAINERS + _CONTAINERS):
+        return [spec]
+    return [s for child in spec.children() for s in state_specs(child)]
+
+
+def _write(into: Any, ctx: dict, leaves: list, classes: dict[str, type]) -> None:
+    """``_assign(into, _from_context(ctx, ...))`` without building what ``into`` already has."""
+    attrs = into.__dict__
+    for name, part in ctx["s"].items():
+        old = attrs.get(name)
+        if type(part) is list and type(old) is list and len(old) == len(part):
+            for i, item in enumerate(part):
+                if type(item) is dict and item.get("_t") == "obj" and type(old[i]) is classes[item["p"]]:
+                    _write(old[i], item, leaves, classes)
+                else:
+                    old[i] = _from_context(item, leaves, classes)
+        elif type(part) is dict and part.get("_t") == "obj" and type(old) is classes[part["p"]]:
+            _write(old, part, leaves, classes)
+        else:
+            attrs[name] = _from_context(part, leaves, classes)
 
 
 def _assign(into: Any, new: Any) -> None:
@@ -232,4 +425,4 @@ def _assign(into: Any, new: Any) -> None:
             into.__dict__[name] = value
 
 
-__all__ = ["Rebuilt", "RebuildContext", "compilable_spec", "is_registered_object", "is_state_object", "state_objects", "write_back"]
+__all__ = ["Rebuilt", "RebuildContext", "Walker", "compilable_spec", "spec_walker", "is_registered_object", "is_state_object", "state_objects", "state_specs", "StateOutput", "write_back"]

@@ -45,7 +45,7 @@ from .frames import FrameFilter
 from .guards import InputGuard
 from .hazards import ModelSnapshot, PythonState
 from .._util.internals import export_quietly, pytree, region_ops, tensor_version, watch_returns
-from .pytrees import is_registered_object
+from .pytrees import is_registered_object, state_specs
 from .quiet import hold_output
 from .trace import LocalRecord, TraceResult
 
@@ -309,14 +309,6 @@ def _register_output_types(model: torch.nn.Module) -> None:
             return
 
 
-def _state_specs(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
-    if spec.is_leaf():
-        return []
-    if spec.type in pytree.SUPPORTED_NODES and not issubclass(spec.type, (tuple, list, dict)):
-        return [spec]
-    return [s for child in spec.children() for s in _state_specs(child)]
-
-
 def _changed_ints(before: Any, after: Any, where: str = "") -> list[str]:
     if type(before) is int and type(after) is int:
         return [where] if before != after else []
@@ -334,9 +326,9 @@ def check_state_counters(in_spec: pytree.TreeSpec, out_spec: pytree.TreeSpec) ->
     int of a state object it was given (a sliding-window cache's ``cumulative_length``),
     which the guards hold constant, so every decoding step would be traced again."""
     outputs: dict[type, list] = {}
-    for spec in _state_specs(out_spec):
+    for spec in state_specs(out_spec):
         outputs.setdefault(spec.type, []).append(spec)
-    for spec in _state_specs(in_spec):
+    for spec in state_specs(in_spec):
         pending = outputs.get(spec.type)
         changed = _changed_ints(spec.context, pending.pop(0).context) if pending else []
         if changed:

@@ -176,6 +176,7 @@ def test_pytree_nodes_unflatten_with_their_registered_function():
     rebuilt = internals.tree_spec(spec.type, spec.context, spec.children())
     assert pytree.tree_unflatten(leaves, rebuilt)["a"][1][0] is leaves[1]
     assert internals.unflatten_fn(tuple)([1, 2], None) == (1, 2)
+    assert internals.flatten_fn(dict)({"a": 1, "b": 2}) == ([1, 2], ["a", "b"])
 
 
 def test_sdpa_functions_are_the_ones_models_call():
