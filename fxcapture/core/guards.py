@@ -126,7 +126,9 @@ class InputGuard:
         if list(kwargs) != self.kwarg_names and set(kwargs) == set(self.kwarg_names):
             kwargs = {k: kwargs[k] for k in self.kwarg_names}  # keyword order does not matter
         flat: list = []
-        if self._walk is None or not self._walk((tuple(args), dict(kwargs)), flat):
+        # under dynamo the walker's closures would become guards of their own: pytree there
+        walk = None if torch.compiler.is_dynamo_compiling() else self._walk
+        if walk is None or not walk((tuple(args), dict(kwargs)), flat):
             flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
             if spec != self.spec or len(flat) != len(self.leaves):
                 return None

@@ -317,8 +317,8 @@ def write_back(given: list, output: Any) -> Any:
             if all(a is b for a, b in zip(items, y)):
                 return y
             return type(y)(*items) if hasattr(y, "_fields") else type(y)(items)
-        waiting = pending.get(type(y)) if is_state_object(y) else None
-        if not waiting:
+        waiting = pending.get(type(y))  # only state objects' types are there (no registry lookup,
+        if not waiting:  # which dynamo would guard key by key)
             return y
         x = waiting.pop(0)
         _assign(x, y)
