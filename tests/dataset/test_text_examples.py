@@ -60,12 +60,23 @@ def test_sentence_embeddings_are_masked_means_and_a_rerun_reuses_the_output(tmp_
     np.testing.assert_array_equal(again["embeddings"], result["embeddings"])
 
 
-def test_sentence_embeddings_without_out_leave_no_temporary_files():
+def test_sentence_embeddings_without_out_leave_no_temporary_files(tmp_path, monkeypatch):
+    # a temporary folder of this test's own: a suite running beside this one (CI runs two
+    # Pythons side by side) makes and removes its own in the shared one meanwhile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     module = example("sentence_embeddings")
-    before = set(Path(tempfile.gettempdir()).glob("fxcapture-sentences-*"))
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
     result = module.main(["--layers", "1", "--width", "32"])
     assert result["embeddings"].shape == (18, 32)
-    assert set(Path(tempfile.gettempdir()).glob("fxcapture-sentences-*")) == before
+    assert [Path(d.name).parent for d in made] == [tmp_path]  # the example used one, here
+    assert list(tmp_path.glob("fxcapture-sentences-*")) == []
 
 
 def test_token_probe_trains_on_the_stored_tokens(tmp_path):
