@@ -70,15 +70,14 @@ def _same_value(a: Any, b: Any) -> bool:
 class InputGuard:
     """The inputs a running trace holds for (see the module docstring)."""
 
-    def __init__(self, spec: Any, leaves: list, ranges: dict[str, tuple], probe: tuple | None,
-                 model: torch.nn.Module) -> None:  # fmt: skip
+    def __init__(self, spec: Any, leaves: list, ranges: dict[str, tuple], model: torch.nn.Module) -> None:
         self.spec = spec
         self.leaves = leaves
         self.ranges = ranges
-        self.probe = probe
         # the very tensor, not looked up again per call: the model guard checked beside
         # this one (ModelGuard) sees any parameter or buffer replaced
         self._probed = _first_tensor(model)
+        self.probe = _probe(self._probed)
         self.kwarg_names = list(spec.child(1).context) if spec.num_children == 2 else []
         self.stateful = False  # the inputs hold state objects (a cache) the model updates
         self._walk = None  # a fast flatten of inputs shaped as the example (see pytrees.spec_walker)
@@ -104,7 +103,7 @@ class InputGuard:
             str(symbol): (float(r.lower), float(r.upper))  # float: int_oo is inf
             for symbol, r in exported.range_constraints.items()
         }
-        guard = cls(spec, leaves, ranges, _probe(_first_tensor(model)), model)
+        guard = cls(spec, leaves, ranges, model)
         states = state_objects((args, kwargs))
         guard.stateful = bool(states)
         at = [(None, i) for i, a in enumerate(args) if any(a is x for x in states)]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import collections
 import importlib
-import itertools
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable
 
 import torch
@@ -182,15 +182,11 @@ def spec_walker(spec: pytree.TreeSpec) -> Walker:
     children = [spec_walker(c) for c in spec.children()]
     kind, context = spec.type, spec.context
     if kind is collections.namedtuple:  # pytree's node of every namedtuple: its class is the context
-        kind = context
-    if kind in (tuple, list) or kind is context:
-        count = len(children)
-        return lambda v, out: type(v) is kind and len(v) == count and all(map(_call, children, v, _repeat(out)))
+        return _sequence(context, children)
+    if kind in (tuple, list):
+        return _sequence(kind, children)
     if kind is dict:
-        keys = list(context)
-        return lambda v, out: (
-            type(v) is dict and list(v) == keys and all(map(_call, children, v.values(), _repeat(out)))
-        )
+        return _mapping(list(context), children)
     flatten = flatten_fn(kind)
     matcher = _context_matcher(context) if _named(flatten) == _CONTEXT_FLATTEN else None
     if matcher is not None:  # a transformers object: its tensors are its children, in order
@@ -200,7 +196,7 @@ def spec_walker(spec: pytree.TreeSpec) -> Walker:
         if type(v) is not kind:
             return False
         items, ctx = flatten(v)
-        return ctx == context and len(items) == len(children) and all(map(_call, children, items, _repeat(out)))
+        return ctx == context and len(items) == len(children) and all(map(_call, children, items, repeat(out)))
 
     return node
 
@@ -222,8 +218,15 @@ def _call(walk: Walker, v: Any, out: list) -> bool:
     return walk(v, out)
 
 
-def _repeat(x: Any) -> Any:
-    return itertools.repeat(x)
+def _sequence(kind: type, parts: list[Walker]) -> Walker:
+    """A walker for a ``kind`` (tuple, list, namedtuple class) of ``len(parts)`` items."""
+    count = len(parts)
+    return lambda v, out: type(v) is kind and len(v) == count and all(map(_call, parts, v, repeat(out)))
+
+
+def _mapping(keys: list, parts: list[Walker]) -> Walker:
+    """A walker for a plain dict with these keys, in this order."""
+    return lambda v, out: type(v) is dict and list(v) == keys and all(map(_call, parts, v.values(), repeat(out)))
 
 
 def _context_matcher(ctx: Any) -> Walker | None:
@@ -237,9 +240,7 @@ def _context_matcher(ctx: Any) -> Walker | None:
         parts = [_context_matcher(ctx[k]) for k in keys]
         if None in parts:
             return None
-        if type(ctx) is list:
-            return lambda v, out: type(v) is list and len(v) == len(parts) and all(map(_call, parts, v, _repeat(out)))
-        return lambda v, out: type(v) is dict and list(v) == keys and all(map(_call, parts, v.values(), _repeat(out)))
+        return _sequence(list, parts) if type(ctx) is list else _mapping(keys, parts)
     tag = ctx["_t"]
     if tag == "tensor":
         return lambda v, out: isinstance(v, torch.Tensor) and _append(v, out)
@@ -252,7 +253,7 @@ def _context_matcher(ctx: Any) -> Walker | None:
         if None in parts or not hasattr(cls, "__dict__"):
             return None
         return lambda v, out: (
-            type(v) is cls and list(vars(v)) == names and all(map(_call, parts, vars(v).values(), _repeat(out)))
+            type(v) is cls and list(vars(v)) == names and all(map(_call, parts, vars(v).values(), repeat(out)))
         )
     return None
 
@@ -267,11 +268,16 @@ def is_registered_object(x: Any) -> bool:
     return type(x) in pytree.SUPPORTED_NODES and type(x) not in _BUILTIN_CONTAINERS
 
 
+def _is_state_type(kind: Any) -> bool:
+    return (isinstance(kind, type) and kind in pytree.SUPPORTED_NODES and kind not in _BUILTIN_CONTAINERS
+            and not issubclass(kind, _CONTAINERS))  # fmt: skip
+
+
 def is_state_object(x: Any) -> bool:
     """A registered object that is no container (not a dict subclass such as a
     ``ModelOutput``): a ``Cache`` of transformers, whose tensors are graph inputs and
     which the model updates."""
-    return is_registered_object(x) and not isinstance(x, _CONTAINERS)
+    return _is_state_type(type(x))
 
 
 def state_objects(tree: Any) -> list:
@@ -339,7 +345,11 @@ class StateOutput:
     """
 
     def __init__(self, outer: pytree.TreeSpec, cuts: list[tuple[int, int, RebuildContext]]) -> None:
-        self.outer, self.cuts = outer, cuts  # cuts: (first leaf, leaf count, context) per node
+        self.outer = outer
+        # per node: first leaf, leaf count, context, and the class a caller's object must have
+        # to be written into (None: a context of another kind, always built anew)
+        self.cuts = [(first, count, ctx, ctx.classes[ctx.context["p"]] if ctx.context.get("_t") == "obj" else None)
+                     for first, count, ctx in cuts]  # fmt: skip
 
     @classmethod
     def of(cls, spec: pytree.TreeSpec) -> "StateOutput | None":
@@ -354,10 +364,10 @@ class StateOutput:
 
     def __call__(self, leaves: list, given: list) -> Any:
         pending, values, at = _by_type(given), [], 0
-        for first, count, ctx in self.cuts:
+        for first, count, ctx, cls in self.cuts:
             values += leaves[at:first]
             own = leaves[first : first + count]  # the context numbers the node's own leaves
-            objects = pending.get(ctx.classes[ctx.context["p"]]) if ctx.context.get("_t") == "obj" else None
+            objects = pending.get(cls)
             if objects:
                 values.append(objects.pop(0))
                 _write(values[-1], ctx.context, own, ctx.classes)
@@ -385,8 +395,7 @@ def state_specs(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
     of a spec."""
     if spec.is_leaf():
         return []
-    kind = spec.type
-    if isinstance(kind, type) and kind in pytree.SUPPORTED_NODES and not issubclass(kind, _BUILTIN_CONTAINERS + _CONTAINERS):
+    if _is_state_type(spec.type):
         return [spec]
     return [s for child in spec.children() for s in state_specs(child)]
 
